@@ -1,0 +1,380 @@
+"""Norm inference: from a captured graph to atoms with norms, masses, sensitivities, budgets.
+
+The pass is four plain functions over the captured graph:
+
+1. `downstream`: reverse path-sum of bond sensitivities from the outputs, D(out) = 1 and
+   D(v) = Σ over uses of v by an op of (that op's sensitivity to that input) × D(op output);
+2. `classify`: each trainable parameter's uses (after pure data movement) and the atom rule
+   of each consuming op;
+3. `apply_masses`: default masses per kind, then the user's `masses` prefixes (modula's tare);
+4. budgets: budget = mass / total_mass / D(output of the atom's op), modula's target_norm at T=1.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from . import ops
+from .normgraph import DUAL_OF_KIND, NORM_OF_KIND, Atom, Diagnostics, NormGraph
+from .rules import (ATOM_RULES, DEFAULT_MASS, PARAM_INDEX, PARAM_PASSTHROUGH, PARAM_TRANSPOSE,
+                    AtomSpec, BondInput, Use, bond_sensitivity, module_entry)
+from .trace import Captured, capture
+
+FALLBACK_NOTE = "fallback: RMS norm of the whole tensor, dual = normalise to RMS 1"
+
+
+def analyze(model: torch.nn.Module, example_inputs: Any = None,
+            example_kwargs: Mapping[str, Any] | None = None,
+            masses: Mapping[str, float] | None = None, *,
+            kinds: Mapping[str, str] | None = None, frontend: str = "auto",
+            conv_mode: str = "positional", split_packed: bool = True) -> NormGraph:
+    """Infer every trainable parameter's operator norm, mass, sensitivity and budget.
+
+    Args:
+        model: any `torch.nn.Module`.
+        example_inputs: positional inputs (a tensor or a tuple); with them the graph comes
+            from `torch.export` (more models trace that way than with `symbolic_trace`).
+        example_kwargs: keyword inputs (e.g. `{"attention_mask": m}`).
+        masses: module-name prefix (or exact parameter name) -> total mass of the atoms
+            under it, split in proportion to their own masses; the longest key wins.
+        kinds: parameter name -> kind, to override the rule's choice (e.g. a tied
+            embedding treated as the output head: `{"wte.weight": "linear"}`).
+        frontend: "auto", "export", "symbolic_trace" or "modules" (see `normgraph.trace`).
+        conv_mode: "positional" (per kernel position, the paper's rule) or "flatten".
+        split_packed: orthogonalize packed projections (QKV split after one matmul) per block.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"normgraph.analyze expects a torch.nn.Module, got {type(model).__name__}")
+    if conv_mode not in ("positional", "flatten"):
+        raise ValueError(f"conv_mode={conv_mode!r}: expected 'positional' or 'flatten'")
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters "
+                         "(all are frozen or it has none): nothing to optimize")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    elif example_inputs is not None and not isinstance(example_inputs, tuple):
+        example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
+
+    cap = capture(model, example_inputs, dict(example_kwargs) if example_kwargs else None, frontend)
+    diag = Diagnostics(frontend=cap.frontend, trace_errors=dict(cap.errors), notes=list(cap.notes))
+    if cap.graph is None:
+        atoms = _module_atoms(model, trainable, conv_mode, diag)
+        graph = nx.DiGraph()
+        first = next(iter(cap.errors.values()), "no strategy was tried")
+        warnings.warn(
+            f"normgraph could not capture a graph of {type(model).__name__} ({first}); using "
+            "module-level rules: atoms from the layers that own parameters, no sensitivities "
+            "(every downstream = 1). For the full analysis pass example_inputs "
+            "(and example_kwargs) the model accepts.", stacklevel=2)
+    else:
+        D, assumed = downstream(cap)
+        diag.assumed_ops = assumed
+        uses = classify(cap, trainable, conv_mode, split_packed)
+        atoms = _graph_atoms(trainable, uses, D, kinds or {}, diag)
+        graph = _to_networkx(cap, D, uses)
+    _check_kinds(kinds or {}, trainable)
+    apply_masses(atoms, masses or {})
+    _budgets(atoms)
+    for atom in atoms.values():
+        if atom.name in graph:
+            graph.nodes[atom.name].update(_atom_attrs(atom))
+        else:
+            graph.add_node(atom.name, **_atom_attrs(atom))
+    return NormGraph(atoms, graph, diag)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Sensitivities
+
+
+def _live(cap: Captured) -> set[fx.Node]:
+    """Nodes whose value depends on a model input or a trainable parameter."""
+    live: set[fx.Node] = set()
+    for node in cap.graph.nodes:
+        if node in cap.params or (node.op == "placeholder" and node not in cap.constants):
+            live.add(node)
+        elif any(i in live for i in node.all_input_nodes):
+            live.add(node)
+    return live
+
+
+def downstream(cap: Captured) -> tuple[dict[fx.Node, float], dict[str, int]]:
+    """D of every node (reverse path-sum), and the ops whose sensitivity had to be assumed."""
+    D: dict[fx.Node, float] = {n: 0.0 for n in cap.graph.nodes}
+    for out in cap.outputs:
+        D[out] += 1.0
+    live = _live(cap)
+    assumed: dict[str, int] = {}
+    for node in reversed(cap.graph.nodes):
+        d = D[node]
+        if d == 0.0 or node.op in ("placeholder", "get_attr", "output"):
+            continue
+        op = ops.op_name(node, cap.modules)
+        entry = module_entry(cap.modules[str(node.target)]) if node.op == "call_module" else None
+        args = None
+        counted = False
+        for key, inp in ops.tensor_inputs(node):
+            if inp not in live:
+                continue
+            if entry is not None:
+                s, was_assumed = entry.sensitivity, False
+            else:
+                args = args if args is not None else ops.arguments(node)
+                s, was_assumed = bond_sensitivity(BondInput(node, op, ops.key_of(args, inp), args, inp))
+            if was_assumed and not counted:
+                assumed[op] = assumed.get(op, 0) + 1
+                counted = True
+            D[inp] += s * d
+    return D, assumed
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Atoms
+
+
+def _uses_of(param: fx.Node, shape: tuple[int, ...], modules: dict[str, torch.nn.Module],
+             conv_mode: str, split_packed: bool) -> list[tuple[Use, str]]:
+    """Follow a parameter through data movement to the ops that consume it.
+
+    Returns (use, irregularity) pairs; irregularity is "" when the path is understood.
+    """
+    found: list[tuple[Use, str]] = []
+    stack: list[tuple[fx.Node, bool, bool, str]] = [(param, False, False, "")]
+    while stack:
+        value, transposed, indexed, odd = stack.pop()
+        for user in value.users:
+            op = ops.op_name(user, modules)
+            first = user.args[0] if user.args else None
+            if first is value and op in PARAM_PASSTHROUGH:
+                stack.append((user, transposed, indexed, odd))
+            elif first is value and op in PARAM_TRANSPOSE:
+                swap = _swaps_last_two(user, op, len(shape) - (1 if indexed else 0))
+                stack.append((user, transposed ^ bool(swap), indexed,
+                              odd or ("" if swap is not None else f"unsupported {op}")))
+            elif first is value and op in PARAM_INDEX:
+                stack.append((user, transposed, True, odd))
+            else:
+                args = ops.arguments(user)
+                found.append((Use(user, op, ops.key_of(args, value), args, shape, transposed,
+                                  indexed, conv_mode, split_packed), odd))
+    found.sort(key=lambda u: _order(u[0].node))
+    return found
+
+
+def _order(node: fx.Node) -> int:
+    """Position of a node in its graph (fx keeps nodes in execution order)."""
+    idx = node.meta.get("_normgraph_order")
+    if idx is None:
+        for i, n in enumerate(node.graph.nodes):
+            n.meta["_normgraph_order"] = i
+        idx = node.meta["_normgraph_order"]
+    return idx
+
+
+def _swaps_last_two(node: fx.Node, op: str, ndim: int) -> bool | None:
+    """True/False if `node` swaps/keeps the last two dims; None if it permutes otherwise."""
+    if op == "t":
+        return True
+    a = ops.arguments(node)
+    if op in ("transpose", "swapaxes"):
+        d0, d1 = ops.arg(a, "dim0", 1), ops.arg(a, "dim1", 2)
+        if not isinstance(d0, int) or not isinstance(d1, int):
+            return None
+        pair = {d0 % ndim, d1 % ndim} if ndim else set()
+        return True if pair == {ndim - 2, ndim - 1} else (False if d0 % ndim == d1 % ndim else None)
+    if op == "permute":
+        dims = ops.arg(a, "dims", 1)
+        if isinstance(dims, (list, tuple)) and len(dims) == ndim:
+            dims = [d % ndim for d in dims]
+            if dims == list(range(ndim)):
+                return False
+            if dims == list(range(ndim - 2)) + [ndim - 1, ndim - 2]:
+                return True
+    return None
+
+
+def classify(cap: Captured, trainable: Mapping[str, torch.Tensor], conv_mode: str,
+             split_packed: bool) -> dict[str, list[tuple[AtomSpec, fx.Node]]]:
+    """Each parameter's (atom spec, consuming node) per use; an empty list if never reached."""
+    found: dict[str, list[tuple[AtomSpec, fx.Node]]] = {name: [] for name in trainable}
+    for node, name in cap.params.items():
+        shape = tuple(trainable[name].shape)
+        for use, odd in _uses_of(node, shape, cap.modules, conv_mode, split_packed):
+            rule = ATOM_RULES.get(use.op)
+            spec = None if odd or rule is None else rule(use)
+            if spec is None:
+                why = odd or (f"used by {use.op} (argument {use.key!r}), which has no atom rule"
+                              if rule is not None or use.op else "no rule")
+                if rule is None:
+                    why = f"used by {use.op} (node {use.node.name}), which has no atom rule"
+                spec = AtomSpec("fallback", note=why)
+            found[name].append((spec, use.node))
+    for node in cap.graph.nodes:  # opaque (leaf) modules own their parameters' rules
+        if node.op != "call_module":
+            continue
+        mod = cap.modules[str(node.target)]
+        entry = module_entry(mod)
+        specs = entry.rule(mod, conv_mode) if entry is not None else {}
+        for local, p in mod.named_parameters():
+            name = f"{node.target}.{local}"
+            if name in found:
+                spec = specs.get(local) or AtomSpec(
+                    "fallback", note=f"inside opaque module {type(mod).__name__}, which has no rule for it")
+                found[name].append((spec, node))
+    return found
+
+
+def _choose(name: str, specs: list[tuple[AtomSpec, fx.Node]], override: str | None) -> AtomSpec:
+    """The spec a (possibly shared) parameter takes: the override's kind, else its first use's."""
+    if override is None:
+        return specs[0][0]
+    for spec, _ in specs:
+        if spec.kind == override:
+            return spec
+    if override in ("gain", "bias", "fallback", "embedding"):
+        return AtomSpec(override, note=f"kind set by the user ({override})")
+    raise ValueError(f"kinds[{name!r}] = {override!r}, but no use of {name} is a {override} "
+                     f"(its uses: {', '.join(f'{s.kind} in {n.name}' for s, n in specs)})")
+
+
+def _graph_atoms(trainable: Mapping[str, torch.Tensor], uses: dict[str, list[tuple[AtomSpec, fx.Node]]],
+                 D: dict[fx.Node, float], kinds: Mapping[str, str], diag: Diagnostics) -> dict[str, Atom]:
+    atoms: dict[str, Atom] = {}
+    for name, p in trainable.items():
+        specs = uses[name]
+        if not specs:
+            atoms[name] = _atom(name, p, AtomSpec("fallback", note="never reached by the graph"), 1.0, [])
+            diag.fallbacks[name] = "never reached by the captured graph; " + FALLBACK_NOTE
+            continue
+        spec = _choose(name, specs, kinds.get(name))
+        d = sum(D[n] for _, n in specs)
+        nodes = [n.name for _, n in specs]
+        if len(specs) > 1:
+            diag.tied[name] = [f"{s.kind} ({n.name})" for s, n in specs]
+            spec = AtomSpec(spec.kind, spec.fan_in, spec.fan_out, spec.options,
+                            f"{spec.note}; shared by {len(specs)} ops: norm of the "
+                            f"{'first use' if name not in kinds else 'kind set in kinds='}, D summed")
+        if spec.kind == "fallback":
+            diag.fallbacks[name] = f"{spec.note}; {FALLBACK_NOTE}"
+        if d == 0.0:
+            diag.unreached.append(name)
+            d = 1.0
+        atoms[name] = _atom(name, p, spec, d, nodes)
+    return atoms
+
+
+def _module_atoms(model: torch.nn.Module, trainable: Mapping[str, torch.Tensor], conv_mode: str,
+                  diag: Diagnostics) -> dict[str, Atom]:
+    """Atoms from the modules that own parameters (no graph: every downstream is 1)."""
+    atoms: dict[str, Atom] = {}
+    for mod_name, mod in model.named_modules():
+        entry = module_entry(mod)
+        specs = entry.rule(mod, conv_mode) if entry is not None else {}
+        for local, p in mod.named_parameters(recurse=False):
+            name = f"{mod_name}.{local}" if mod_name else local
+            if name not in trainable or name in atoms:
+                continue
+            spec = specs.get(local)
+            if spec is None:
+                spec = AtomSpec("fallback", note=f"{type(mod).__name__} has no module rule")
+                diag.fallbacks[name] = f"{spec.note}; {FALLBACK_NOTE}"
+            atoms[name] = _atom(name, p, spec, 1.0, [])
+    for name, p in trainable.items():  # parameters of opaque modules' children, in order
+        if name not in atoms:
+            atoms[name] = _atom(name, p, AtomSpec("fallback", note="no module rule"), 1.0, [])
+            diag.fallbacks[name] = f"no module rule; {FALLBACK_NOTE}"
+    return {n: atoms[n] for n in trainable}
+
+
+def _atom(name: str, p: torch.Tensor, spec: AtomSpec, d: float, uses: list[str]) -> Atom:
+    return Atom(name=name, kind=spec.kind, shape=tuple(p.shape), dtype=str(p.dtype).replace("torch.", ""),
+                norm=NORM_OF_KIND.get(spec.kind, "RMS"), mass=DEFAULT_MASS.get(spec.kind, 0.1),
+                sensitivity=1.0, downstream=d, dual=DUAL_OF_KIND.get(spec.kind, "rms_normalize"),
+                fan_in=spec.fan_in, fan_out=spec.fan_out, options=dict(spec.options),
+                uses=uses, note=spec.note)
+
+
+def _check_kinds(kinds: Mapping[str, str], trainable: Mapping[str, torch.Tensor]) -> None:
+    unknown = [k for k in kinds if k not in trainable]
+    if unknown:
+        raise ValueError(f"kinds= names no trainable parameter: {', '.join(unknown)}")
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Masses and 4. budgets
+
+
+def apply_masses(atoms: dict[str, Atom], masses: Mapping[str, float]) -> None:
+    """Set each key's total mass over the atoms it governs (the longest matching key wins)."""
+    if not masses:
+        return
+    governed: dict[str, list[Atom]] = {k: [] for k in masses}
+    for atom in atoms.values():
+        best = None
+        for key in masses:
+            if atom.name == key or atom.name.startswith(key + ".") or key == "":
+                if best is None or len(key) > len(best):
+                    best = key
+        if best is not None:
+            governed[best].append(atom)
+    empty = [k for k, v in governed.items() if not v]
+    if empty:
+        names = sorted({a.name.rsplit(".", 1)[0] for a in atoms.values()})
+        raise ValueError(f"masses key(s) {', '.join(map(repr, empty))} match no trainable parameter "
+                         f"(keys are module-name prefixes or parameter names; modules with "
+                         f"parameters: {', '.join(names[:12])}{' …' if len(names) > 12 else ''})")
+    for key, group in governed.items():
+        total = float(masses[key])
+        if total < 0:
+            raise ValueError(f"masses[{key!r}] = {total}: masses must be non-negative")
+        own = sum(a.mass for a in group)
+        for a in group:
+            a.mass = total * a.mass / own if own > 0 else total / len(group)
+
+
+def _budgets(atoms: dict[str, Atom]) -> None:
+    total = sum(a.mass for a in atoms.values())
+    if total <= 0:
+        raise ValueError("the total mass is 0: at least one atom needs a positive mass")
+    for a in atoms.values():
+        a.budget = a.mass / total / a.downstream
+
+
+# ---------------------------------------------------------------------------------------
+# The networkx view
+
+
+def _atom_attrs(atom: Atom) -> dict[str, Any]:
+    return {"type": "atom", "kind": atom.kind, "norm": atom.norm, "shape": atom.shape,
+            "mass": atom.mass, "sensitivity": atom.sensitivity, "downstream": atom.downstream,
+            "budget": atom.budget}
+
+
+def _to_networkx(cap: Captured, D: dict[fx.Node, float],
+                 uses: dict[str, list[tuple[AtomSpec, fx.Node]]]) -> nx.DiGraph:
+    """Ops that carry activations (D > 0), edges labelled with sensitivities, atoms → their ops."""
+    g = nx.DiGraph()
+    keep = {n for n in cap.graph.nodes if D[n] > 0 and n not in cap.params and n.op != "get_attr"}
+    for n in keep:
+        g.add_node(n.name, type="op", op=ops.op_name(n, cap.modules), downstream=D[n])
+    for n in keep:
+        if n.op in ("placeholder", "output"):
+            continue
+        entry = module_entry(cap.modules[str(n.target)]) if n.op == "call_module" else None
+        args = ops.arguments(n) if entry is None else {}
+        for key, inp in ops.tensor_inputs(n):
+            if inp in keep:
+                s = entry.sensitivity if entry is not None else bond_sensitivity(
+                    BondInput(n, g.nodes[n.name]["op"], ops.key_of(args, inp), args, inp))[0]
+                g.add_edge(inp.name, n.name, sensitivity=s)
+    for name, specs in uses.items():
+        for _, node in specs:
+            if node.name not in g:
+                g.add_node(node.name, type="op", op=ops.op_name(node, cap.modules), downstream=D[node])
+            g.add_edge(name, node.name)
+    return g

@@ -1,0 +1,162 @@
+"""The analysis result: one atom per trainable parameter, plus the op graph they live in.
+
+`NormGraph` is plain data: the analysis pass (`normgraph.analyze`) builds it, the codegen
+pass reads it, and the annotation/export passes serialise it. Nothing here traces or
+computes norms of tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+
+#: Duality map used for each atom kind (see docs/norms.md). Extended by `rules.register_kind`.
+DUAL_OF_KIND: dict[str, str] = {
+    "linear": "orthogonalize",
+    "conv": "orthogonalize",
+    "expert": "orthogonalize",
+    "embedding": "row_normalize",
+    "gain": "sign",
+    "bias": "rms_normalize",
+    "fallback": "rms_normalize",
+}
+
+#: Human-readable operator norm of each kind.
+NORM_OF_KIND: dict[str, str] = {
+    "linear": "RMS→RMS",
+    "conv": "K·max_k RMS→RMS",
+    "expert": "max_e RMS→RMS",
+    "embedding": "ℓ1→RMS",
+    "gain": "ℓ∞ (RMS→RMS of diag)",
+    "bias": "RMS",
+    "fallback": "RMS",
+}
+
+
+@dataclass
+class Atom:
+    """One trainable parameter as the modular norm sees it.
+
+    `options` carries what the duality map needs, all JSON-serialisable. For the
+    orthogonalised kinds (linear, conv, expert) it holds the *matrix view*:
+    ``tensor.reshape(pre_shape).permute(perm).reshape(matrix)`` is a batch of
+    ``matrix = [B, fan_out, fan_in]`` matrices, and ``norm_scale`` the factor in front of
+    the max over that batch (K kernel positions for a conv, else 1).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    norm: str = ""
+    mass: float = 1.0
+    sensitivity: float = 1.0
+    downstream: float = 1.0
+    budget: float = 0.0
+    dual: str = ""
+    fan_in: int | None = None
+    fan_out: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    uses: list[str] = field(default_factory=list)
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+        if not self.norm:
+            self.norm = NORM_OF_KIND.get(self.kind, "RMS")
+        if not self.dual:
+            self.dual = DUAL_OF_KIND.get(self.kind, "rms_normalize")
+
+
+@dataclass
+class Diagnostics:
+    """What the analysis could not do exactly, so that nothing falls back silently."""
+
+    frontend: str = ""
+    trace_errors: dict[str, str] = field(default_factory=dict)
+    assumed_ops: dict[str, int] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    tied: dict[str, list[str]] = field(default_factory=dict)
+    unreached: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"front end: {self.frontend}"]
+        for name, err in self.trace_errors.items():
+            out.append(f"  tried {name}: failed: {err}")
+        if self.assumed_ops:
+            ops = ", ".join(f"{op}×{n}" for op, n in sorted(self.assumed_ops.items()))
+            out.append(f"assumed sensitivity 1 (no rule): {ops}")
+        for name, why in self.fallbacks.items():
+            out.append(f"fallback norm for {name}: {why}")
+        for name, uses in self.tied.items():
+            out.append(f"tied parameter {name}: used by {', '.join(uses)}")
+        if self.unreached:
+            out.append(f"not reaching the output: {', '.join(self.unreached)}")
+        out.extend(self.notes)
+        return out
+
+
+@dataclass
+class NormGraph:
+    """Atoms keyed by `named_parameters()` name, the op/atom graph, and diagnostics."""
+
+    atoms: dict[str, Atom]
+    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
+    diagnostics: Diagnostics = field(default_factory=Diagnostics)
+
+    @property
+    def total_mass(self) -> float:
+        return sum(a.mass for a in self.atoms.values())
+
+    def table(self) -> str:
+        """The per-parameter table (parameter, kind, shape, norm, mass, downstream, budget)."""
+        head = ("parameter", "kind", "shape", "norm", "mass", "downstream", "budget")
+        rows = [head]
+        for a in self.atoms.values():
+            rows.append((a.name, a.kind, "×".join(map(str, a.shape)), a.norm,
+                         f"{a.mass:.4g}", f"{a.downstream:.4g}", f"{a.budget:.4g}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [fmt.format(*rows[0]), "  ".join("-" * w for w in widths)]
+        lines += [fmt.format(*r) for r in rows[1:]]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return "\n".join([self.table(), "", f"total mass: {self.total_mass:.4g}",
+                          *self.diagnostics.lines()])
+
+    def __repr__(self) -> str:
+        return f"NormGraph({len(self.atoms)} atoms, frontend={self.diagnostics.frontend!r})"
+
+    def to_dot(self) -> str:
+        """Graphviz DOT of the op/atom graph: atoms as boxes labelled with kind and budget."""
+        def q(s: Any) -> str:
+            return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+        lines = ["digraph normgraph {", "  rankdir=LR;", "  node [fontsize=10];"]
+        for node, data in self.graph.nodes(data=True):
+            if data.get("type") == "atom":
+                label = f"{node}\\n{data.get('kind')} {data.get('norm')}\\nbudget {data.get('budget', 0):.3g}"
+                lines.append(f"  {q(node)} [shape=box, style=filled, fillcolor=lightblue, label={q(label)}];")
+            else:
+                label = f"{data.get('op', node)}\\nD={data.get('downstream', 0):.3g}"
+                lines.append(f"  {q(node)} [shape=ellipse, label={q(label)}];")
+        for u, v, data in self.graph.edges(data=True):
+            s = data.get("sensitivity")
+            attr = f" [label={q(f'{s:.3g}')}]" if isinstance(s, (int, float)) else ""
+            lines.append(f"  {q(u)} -> {q(v)}{attr};")
+        lines.append("}")
+        return "\n".join(lines)
+
+    def draw(self, path: str | Path) -> Path:
+        """Render the graph to SVG or PNG (by suffix) with the `dot` program, else matplotlib."""
+        from .export import draw
+        return draw(self, path)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the annotations as versioned JSON (see `normgraph.load`)."""
+        from .annotations import save
+        return save(self, path)

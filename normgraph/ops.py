@@ -1,0 +1,125 @@
+"""Canonical names and arguments of fx nodes, so that one rule covers every spelling of an op.
+
+`F.linear`, `torch._C._nn.linear`, `aten.linear.default` and `x.linear(...)` all become
+"linear"; `operator.truediv` becomes "div"; an in-place `add_` becomes "add".
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+from torch.fx.operator_schemas import normalize_function
+
+_ALIASES = {
+    "truediv": "div", "itruediv": "div", "floordiv": "floor_divide", "iadd": "add",
+    "isub": "sub", "imul": "mul", "matmul": "matmul", "__and__": "and", "__or__": "or",
+    "and_": "and", "or_": "or", "pos": "identity", "_to_copy": "to",
+    "_unsafe_view": "view", "_softmax": "softmax", "_log_softmax": "log_softmax",
+    "native_layer_norm": "layer_norm", "native_group_norm": "group_norm",
+    "native_batch_norm": "batch_norm", "_native_batch_norm_legit": "batch_norm",
+    "_native_batch_norm_legit_functional": "batch_norm",
+    "_native_batch_norm_legit_no_training": "batch_norm", "cudnn_batch_norm": "batch_norm",
+    "native_dropout": "dropout", "feature_dropout": "dropout", "alpha_dropout": "dropout",
+    "convolution": "convolution", "_convolution": "convolution",
+    "constant_pad_nd": "pad", "linalg_vector_norm": "norm", "fused_rms_norm": "rms_norm",
+    "_fused_rms_norm": "rms_norm", "_grouped_mm": "grouped_mm", "grouped_mm_fallback": "grouped_mm",
+    "_scaled_dot_product_flash_attention": "scaled_dot_product_attention",
+    "_scaled_dot_product_efficient_attention": "scaled_dot_product_attention",
+    "_scaled_dot_product_flash_attention_for_cpu": "scaled_dot_product_attention",
+    "lift_fresh_copy": "alias", "mT": "t", "view_as": "view", "reshape_as": "reshape",
+}
+
+
+def _strip(name: str) -> str:
+    if name.endswith("_") and not name.startswith("__"):
+        name = name.rstrip("_")
+    return _ALIASES.get(name, name)
+
+
+def op_name(node: fx.Node, modules: dict[str, torch.nn.Module] | None = None) -> str:
+    """Canonical op name of a node ("module:ClassName" for a leaf-module call)."""
+    if node.op == "call_function":
+        t = node.target
+        if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            schema_name = t._schema.name if isinstance(t, torch._ops.OpOverload) else t._qualified_op_name
+            return _strip(schema_name.split("::")[-1])
+        if t is operator.getitem:
+            return "getitem"
+        return _strip(getattr(t, "__name__", str(t)))
+    if node.op == "call_method":
+        return _strip(str(node.target))
+    if node.op == "call_module":
+        mod = (modules or {}).get(str(node.target))
+        return f"module:{type(mod).__name__}" if mod is not None else f"module:{node.target}"
+    return node.op
+
+
+def arguments(node: fx.Node) -> dict[Any, Any]:
+    """Arguments by name where torch knows the signature, else by position (0, 1, …)."""
+    cached = node.meta.get("_normgraph_args")
+    if cached is not None:
+        return cached
+    named = None
+    if node.op == "call_function" and node.target is not operator.getitem:
+        try:
+            pair = normalize_function(node.target, tuple(node.args), dict(node.kwargs),
+                                      normalize_to_only_use_kwargs=True)
+            named = dict(pair.kwargs) if pair is not None else None
+        except Exception:  # noqa: BLE001 - some builtins have ambiguous overloads
+            named = None
+    if named is None:
+        named = {i: a for i, a in enumerate(node.args)}
+        named.update(node.kwargs)
+    node.meta["_normgraph_args"] = named
+    return named
+
+
+def arg(args: dict[Any, Any], name: str, index: int, default: Any = None) -> Any:
+    """Fetch an argument by its schema name, or by position when names are unknown."""
+    if name in args:
+        return args[name]
+    return args.get(index, default)
+
+
+def key_of(args: dict[Any, Any], target: fx.Node) -> Any:
+    """The argument name/position under which `target` appears (top level or inside a list)."""
+    for k, v in args.items():
+        if v is target:
+            return k
+        if isinstance(v, (list, tuple)) and any(x is target for x in v):
+            return k
+    return None
+
+
+def tensor_inputs(node: fx.Node) -> Iterator[tuple[Any, fx.Node]]:
+    """(argument key, input node) for every node input, lists flattened (cat's tensors)."""
+    for i, a in enumerate(node.args):
+        yield from _walk(i, a)
+    for k, a in node.kwargs.items():
+        yield from _walk(k, a)
+
+
+def _walk(key: Any, a: Any) -> Iterator[tuple[Any, fx.Node]]:
+    if isinstance(a, fx.Node):
+        yield key, a
+    elif isinstance(a, (list, tuple)):
+        for x in a:
+            yield from _walk(key, x)
+    elif isinstance(a, dict):
+        for x in a.values():
+            yield from _walk(key, x)
+
+
+def shape_of(node: Any) -> tuple[int, ...] | None:
+    """Static shape of a node's value when the front end recorded one (torch.export does)."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val", node.meta.get("example_value"))
+    if isinstance(val, torch.Tensor):
+        try:
+            return tuple(int(s) for s in val.shape)
+        except (TypeError, ValueError):
+            return None
+    return None
