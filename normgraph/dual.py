@@ -1,0 +1,179 @@
+"""Duality maps: turn a gradient into the unit-norm steepest-descent direction of its atom.
+
+Eager reference implementations, used by the tests, by the generated code (for the SVD
+orthogonalizer) and by anyone who wants one atom's update without compiling anything.
+Every map here sends a zero gradient to a zero update and never produces NaN from a
+finite input: a zero update is the right answer when there is nothing to descend along.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .layout import as_matrices, from_matrices
+from .normgraph import Atom
+
+Coefficients = tuple[tuple[float, float, float], ...]
+
+#: Muon's quintic (Jordan et al. 2024): one (a, b, c) reused every step. It maximises the
+#: slope at zero, so singular values land in roughly [0.7, 1.2] rather than exactly 1.
+QUINTIC: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+
+#: Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932), one minimax-optimal
+#: quintic per step, computed for l=1e-3, num_iters=5, safety_factor_eps=2e-2, cushion=0.02.
+#: Source: the paper's reference code (github.com/NoahAmsel/PolarExpress, `optimal_composition`)
+#: and the identical table in KellerJordan/modded-nanogpt. We checked these digits by re-running
+#: the paper's Remez construction with those parameters (agreement to ~1e-15); see
+#: docs/newton_schulz.md. The safety factor 1.02 is already divided into every step but the
+#: last (a/s, b/s³, c/s⁵); the paper applies the same factor to the input normalisation,
+#: which `POLAR_EXPRESS_SAFETY` does below.
+POLAR_EXPRESS: Coefficients = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS_SAFETY = 1.02
+
+SCHEDULES = ("quintic", "polar-express")
+ORTHOGONALIZERS = ("newton-schulz", "svd")
+DUALS = ("orthogonalize", "row_normalize", "sign", "rms_normalize")
+
+
+def ns_schedule(coefficients: str | Sequence[Sequence[float]], steps: int) -> tuple[Coefficients, float]:
+    """Per-step (a, b, c) and the input safety factor for a named or explicit schedule.
+
+    Polar Express with more than 5 steps repeats its last polynomial (as the paper's code
+    does); with fewer it uses the first `steps`.
+    """
+    if steps < 1:
+        raise ValueError(f"ns_steps must be >= 1, got {steps}")
+    if isinstance(coefficients, str):
+        if coefficients == "quintic":
+            return (QUINTIC,) * steps, 1.0
+        if coefficients == "polar-express":
+            pe = POLAR_EXPRESS[:steps] + (POLAR_EXPRESS[-1],) * max(0, steps - len(POLAR_EXPRESS))
+            return pe, POLAR_EXPRESS_SAFETY
+        raise ValueError(f"unknown ns_coefficients {coefficients!r}; use one of {SCHEDULES} "
+                         "or a list of (a, b, c) tuples")
+    coeffs = tuple(tuple(float(v) for v in abc) for abc in coefficients)
+    if any(len(abc) != 3 for abc in coeffs):
+        raise ValueError("explicit ns_coefficients must be (a, b, c) triples")
+    if len(coeffs) == 1:
+        coeffs = coeffs * steps
+    if len(coeffs) != steps:
+        raise ValueError(f"got {len(coeffs)} coefficient triples for ns_steps={steps}")
+    return coeffs, 1.0  # type: ignore[return-value]
+
+
+def compute_dtype(device: torch.device, dtype: torch.dtype | None = None) -> torch.dtype:
+    """bf16 on CUDA (tensor cores; NS tolerates it), fp32 elsewhere (CPU bf16 is slow and lossy)."""
+    if dtype is not None:
+        return dtype
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def newton_schulz(x: torch.Tensor, steps: int = 5, coefficients: str | Sequence = "quintic",
+                  dtype: torch.dtype | None = None, eps: float = 1e-7) -> torch.Tensor:
+    """Approximate U Vᵀ of each matrix in a (..., m, n) batch by an odd polynomial iteration.
+
+    Normalising by the Frobenius norm bounds σ_max by 1 so the iteration converges; the
+    iteration runs on the wide orientation so the Gram matrix is min(m, n)² (fewer FLOPs).
+    """
+    coeffs, safety = ns_schedule(coefficients, steps)
+    out_dtype = x.dtype
+    tall = x.shape[-2] > x.shape[-1]
+    y = x.to(compute_dtype(x.device, dtype))
+    if tall:
+        y = y.mT
+    batch_shape = y.shape[:-2]
+    y = y.reshape(-1, *y.shape[-2:])
+    norm = torch.linalg.matrix_norm(y, keepdim=True, dtype=torch.float32)
+    y = y / (norm * safety + eps).to(y.dtype)
+    fused = y.device.type == "cuda"
+    for a, b, c in coeffs:
+        gram = torch.bmm(y, y.mT)
+        if fused:  # cuBLAS folds the scaled add into the matmul epilogue
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b·G + c·G²
+            y = torch.baddbmm(y, poly, y, beta=a)  # a·X + (b·G + c·G²)·X
+        else:  # on CPU baddbmm/addmm take a slow path (2-5× slower in bf16); plain bmm does not
+            poly = b * gram + c * torch.bmm(gram, gram)
+            y = a * y + torch.bmm(poly, y)
+    y = y.reshape(*batch_shape, *y.shape[-2:])
+    if tall:
+        y = y.mT
+    return y.to(out_dtype)
+
+
+def svd_orthogonalize(x: torch.Tensor) -> torch.Tensor:
+    """Exact U Vᵀ of each matrix in a (..., m, n) batch, in float32 or wider.
+
+    Directions with (numerically) zero singular value map to 0, so a zero or rank-deficient
+    gradient gives no motion along directions it does not see (matching Newton–Schulz).
+    """
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    tol = s.amax(dim=-1, keepdim=True) * max(x.shape[-2:]) * torch.finfo(work.dtype).eps
+    keep = (s > tol).to(work.dtype)
+    return ((u * keep.unsqueeze(-2)) @ vh).to(x.dtype)
+
+
+def orthogonalize(x: torch.Tensor, orthogonalizer: str = "newton-schulz", steps: int = 5,
+                  coefficients: str | Sequence = "quintic", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dispatch on the orthogonalizer's name (see `ORTHOGONALIZERS`)."""
+    if orthogonalizer == "svd":
+        return svd_orthogonalize(x)
+    if orthogonalizer == "newton-schulz":
+        return newton_schulz(x, steps, coefficients, dtype)
+    raise ValueError(f"unknown orthogonalizer {orthogonalizer!r}; use one of {ORTHOGONALIZERS}")
+
+
+def matrix_scale(atom: Atom) -> float:
+    """budget · sqrt(fan_out/fan_in) / norm_scale: turns a U Vᵀ batch into a norm-`budget` update."""
+    _, rows, cols = atom.options["matrix"]
+    return atom.budget * math.sqrt(rows / cols) / atom.options.get("norm_scale", 1.0)
+
+
+def check_atom(atom: Atom) -> None:
+    """Raise a clear error if the atom cannot be dualised as it stands."""
+    if atom.dual not in DUALS:
+        raise ValueError(f"parameter {atom.name!r}: unknown duality map {atom.dual!r} (kind "
+                         f"{atom.kind!r}); use one of {DUALS} or register a rule for the kind")
+    if atom.dual == "orthogonalize" and "matrix" not in atom.options:
+        raise ValueError(f"parameter {atom.name!r}: kind {atom.kind!r} is orthogonalized but its "
+                         "atom has no matrix view; build options with layout.matrix_options(...)")
+
+
+def row_normalize(g: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """Each row (one embedding vector) scaled to RMS 1; all-zero rows stay 0."""
+    rows = g.reshape(g.shape[0], -1)
+    rms = rows.pow(2).mean(dim=1, keepdim=True).sqrt()
+    safe = torch.where(rms > eps, rms, torch.ones_like(rms))
+    return (rows / safe).reshape(g.shape)
+
+
+def rms_normalize(g: torch.Tensor) -> torch.Tensor:
+    """Whole tensor scaled to RMS 1; a zero tensor stays 0."""
+    rms = g.pow(2).mean().sqrt()
+    return g / torch.where(rms > 0, rms, torch.ones_like(rms))
+
+
+def dualize_atom(atom: Atom, grad: torch.Tensor, *, orthogonalizer: str = "svd", ns_steps: int = 5,
+                 coefficients: str | Sequence = "quintic", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The update for one atom: dual(grad) × budget, of norm `budget` in the atom's norm."""
+    check_atom(atom)
+    if tuple(grad.shape) != atom.shape:
+        raise ValueError(f"parameter {atom.name!r}: gradient shape {tuple(grad.shape)} does not match "
+                         f"the atom's {atom.shape}; re-run analyze on this model")
+    if atom.dual == "orthogonalize":
+        m = as_matrices(grad, atom.options)
+        o = orthogonalize(m, orthogonalizer, ns_steps, coefficients, dtype)
+        return from_matrices(o * matrix_scale(atom), atom.options, atom.shape)
+    if atom.dual == "row_normalize":
+        return row_normalize(grad) * atom.budget
+    if atom.dual == "sign":
+        return torch.sign(grad) * atom.budget
+    return rms_normalize(grad) * atom.budget

@@ -1,0 +1,214 @@
+"""The optimizer around the generated duality map.
+
+One step: EMA momentum (optionally Nesterov) → the generated duality map (every atom's
+update has norm `budget` in its own norm) → W ← W·(1 − lr·wd) − lr·update.
+
+Parameter groups: one group per parameter, in atom order, each carrying the parameter's
+`name`, so the modular-norm budget (baked into the map) and the step size (the group's
+`lr`, changed freely at run time by you or a torch LR scheduler) stay separate knobs.
+Set one parameter's lr with ``opt.group("h.0.mlp.c_fc.weight")["lr"] = 0.05``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from . import codegen
+from .normgraph import Atom, NormGraph
+
+class NormGraphOptimizer(torch.optim.Optimizer):
+    """Steepest descent under the modular norm, with momentum and decoupled weight decay.
+
+    Attributes: `norm_graph` (the analysis), `dualize` (the compiled duality map for all
+    trainable atoms, gradients in `param_groups` order), `source` (its Python source),
+    `last_step_skipped` (True when the last step saw a non-finite gradient and changed
+    nothing), `skipped_steps` (how many such steps so far).
+
+    Parameters whose `grad` is None in a step (frozen, unused) are left exactly as they
+    are, weight decay included; the map for that subset of atoms is generated once and
+    cached. Budgets, shapes, dtypes and devices are baked into the generated code, so
+    changing any of them (e.g. ``opt.norm_graph.atoms[n].budget = ...``) regenerates it
+    on the next step; changing lr, momentum or weight decay does not.
+    """
+
+    def __init__(self, params: torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]], norm_graph: NormGraph, *,
+                 lr: float = 0.1, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
+                 orthogonalizer: str = "newton-schulz", ns_steps: int = 5,
+                 ns_coefficients: str | Sequence = "quintic", compute_dtype: torch.dtype | None = None,
+                 compile_mode: str = "default", backend: str | None = "inductor") -> None:
+        if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0:
+            raise ValueError(f"need lr >= 0, 0 <= momentum < 1, weight_decay >= 0; got lr={lr}, "
+                             f"momentum={momentum}, weight_decay={weight_decay}")
+        named = dict(params.named_parameters() if isinstance(params, torch.nn.Module) else params)
+        self.norm_graph = norm_graph
+        self.map_options: dict[str, Any] = dict(
+            orthogonalizer=orthogonalizer, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
+            compute_dtype=compute_dtype, compile_mode=compile_mode, backend=backend)
+        codegen.generate_source([], orthogonalizer=orthogonalizer, ns_steps=ns_steps,
+                                coefficients=ns_coefficients)  # validate options early
+        groups = [{"params": [p], "name": name} for name, p in _trainable(named, norm_graph)]
+        if not groups:
+            raise ValueError("no trainable parameter of the model has an atom in the norm graph; "
+                             "re-run normgraph.analyze(model) on this model")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        super().__init__(groups, defaults)
+        self.last_step_skipped = False
+        self.skipped_steps = 0
+        self._maps: dict[str, codegen.DualityMap] = {}
+        self._fast: dict[tuple, codegen.DualityMap] = {}
+        everything = list(range(len(self.param_groups)))
+        self.dualize = self._map_for(everything, [g["params"][0] for g in self.param_groups])
+
+    # -- bookkeeping ---------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        name = param_group.get("name")
+        if name not in self.norm_graph.atoms:
+            raise ValueError(f"param group {name!r} has no atom in the norm graph: every group must be one "
+                             "parameter with a 'name' that normgraph.analyze produced")
+        super().add_param_group(param_group)
+
+    def atom(self, index: int) -> Atom:
+        return self.norm_graph.atoms[self.param_groups[index]["name"]]
+
+    def group(self, name: str) -> dict[str, Any]:
+        """The param group (lr, momentum, nesterov, weight_decay) of the parameter `name`."""
+        for g in self.param_groups:
+            if g["name"] == name:
+                return g
+        raise KeyError(f"no parameter named {name!r} in this optimizer")
+
+    @property
+    def source(self) -> str:
+        """Python source of the duality map over all trainable atoms (read it like fx's `.code`)."""
+        return self.dualize.source
+
+    def _map_for(self, indices: list[int], tensors: list[torch.Tensor]) -> codegen.DualityMap:
+        """The generated map for these atoms and gradient dtypes/devices, generated on a miss."""
+        atoms = [self.atom(i) for i in indices]
+        specs = [codegen.spec_of(t) for t in tensors]
+        fast = (tuple(indices), tuple(specs), tuple((id(a), a.budget, a.shape) for a in atoms))
+        hit = self._fast.get(fast)
+        if hit is not None:
+            return hit
+        key = codegen.cache_key(atoms, specs, **self.map_options)
+        if key not in self._maps:
+            o = self.map_options
+            _, fn = codegen.generate(atoms, specs=specs, orthogonalizer=o["orthogonalizer"],
+                                     ns_steps=o["ns_steps"], coefficients=o["ns_coefficients"],
+                                     dtype=o["compute_dtype"], compile_mode=o["compile_mode"],
+                                     backend=o["backend"])
+            self._maps[key] = fn
+        self._fast[fast] = self._maps[key]
+        if len(indices) == len(self.param_groups):
+            self.dualize = self._maps[key]
+        return self._maps[key]
+
+    # -- the step --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        live = [i for i, g in enumerate(self.param_groups) if g["params"][0].grad is not None]
+        self.last_step_skipped = False
+        if not live:
+            return loss
+        params = [self.param_groups[i]["params"][0] for i in live]
+        grads = [p.grad for p in params]
+        if not _all_finite(grads):
+            self._skip([self.param_groups[i]["name"] for i, g in zip(live, grads) if not torch.isfinite(g).all()])
+            return loss
+        directions = [self._momentum(self.param_groups[i], p, g) for i, p, g in zip(live, params, grads)]
+        updates = self._map_for(live, grads)(directions)
+        for i, p, u in zip(live, params, updates):
+            group = self.param_groups[i]
+            if group["weight_decay"]:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+            p.add_(u, alpha=-group["lr"])
+        return loss
+
+    def _momentum(self, group: dict[str, Any], p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """EMA momentum: buf ← m·buf + (1−m)·g; Nesterov looks ahead: (1−m)·g + m·buf."""
+        m = group["momentum"]
+        if not m:
+            return g
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = torch.zeros_like(g)
+        buf.lerp_(g, 1 - m)
+        return g.lerp(buf, m) if group["nesterov"] else buf
+
+    def _skip(self, bad: list[str]) -> None:
+        self.last_step_skipped = True
+        self.skipped_steps += 1
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        warnings.warn(f"normgraph: non-finite gradient in {shown}; step skipped (no weight or momentum "
+                      "changed). Check the loss scale / learning rate.", RuntimeWarning, stacklevel=3)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("last_step_skipped", False)
+        self.__dict__.setdefault("skipped_steps", 0)
+
+
+def _all_finite(grads: list[torch.Tensor]) -> bool:
+    """One host sync for the whole model: the ∞-norm is inf/NaN iff some entry is."""
+    norms = torch._foreach_norm(grads, math.inf)
+    device = norms[0].device
+    return bool(torch.stack([n.float().to(device) for n in norms]).isfinite().all())
+
+
+def _trainable(named: dict[str, torch.nn.Parameter], ng: NormGraph) -> list[tuple[str, torch.nn.Parameter]]:
+    """Atoms' parameters that require grad, in atom order; clear errors for mismatches."""
+    missing = [n for n in ng.atoms if n not in named]
+    if missing:
+        raise ValueError(f"parameters {missing[:5]} are in the norm graph but not in the model; the "
+                         "annotations belong to another model: re-run normgraph.analyze(model)")
+    for name, atom in ng.atoms.items():
+        if tuple(named[name].shape) != tuple(atom.shape):
+            raise ValueError(f"parameter {name!r} has shape {tuple(named[name].shape)} but its atom says "
+                             f"{tuple(atom.shape)}; re-run normgraph.analyze(model)")
+    uncovered = [n for n, p in named.items() if p.requires_grad and n not in ng.atoms]
+    if uncovered:
+        warnings.warn(f"normgraph: trainable parameters without an atom are NOT optimized: {uncovered[:5]}"
+                      f"{' ...' if len(uncovered) > 5 else ''}; re-run analyze or optimize them separately",
+                      RuntimeWarning, stacklevel=3)
+    return [(n, named[n]) for n in ng.atoms if named[n].requires_grad]
+
+
+def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: dict[str, Any] | None = None, *,  # noqa: A001
+            lr: float = 0.1, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
+            orthogonalizer: str = "newton-schulz", ns_steps: int = 5, ns_coefficients: str | Sequence = "quintic",
+            annotations: NormGraph | str | os.PathLike | None = None, masses: dict[str, float] | None = None,
+            compute_dtype: torch.dtype | None = None, compile_mode: str = "default",
+            backend: str | None = "inductor", **analyze_kwargs: Any) -> NormGraphOptimizer:
+    """Analyze `model` (or take `annotations`: a NormGraph or a JSON path, no tracing then)
+    and build the optimizer around its generated duality map.
+
+    `compile_mode="eager"` (or `backend=None`) skips torch.compile; if compiling fails the
+    map warns and runs eagerly. Unknown keyword arguments go to `normgraph.analyze`
+    (e.g. ``conv_mode="flatten"``).
+    """
+    if annotations is None:
+        from .analyze import analyze
+        norm_graph = analyze(model, example_inputs, example_kwargs, masses=masses, **analyze_kwargs)
+    else:
+        if masses is not None or analyze_kwargs or example_inputs is not None or example_kwargs is not None:
+            warnings.warn("normgraph.compile: annotations given, so example inputs, masses and analyze "
+                          "options are ignored (nothing is traced)", UserWarning, stacklevel=2)
+        from .annotations import check_against, load
+        norm_graph = annotations if isinstance(annotations, NormGraph) else load(annotations)
+        check_against(norm_graph, model)  # lists every mismatch with the model at once
+    return NormGraphOptimizer(model, norm_graph, lr=lr, momentum=momentum, nesterov=nesterov,
+                              weight_decay=weight_decay, orthogonalizer=orthogonalizer, ns_steps=ns_steps,
+                              ns_coefficients=ns_coefficients, compute_dtype=compute_dtype,
+                              compile_mode=compile_mode, backend=backend)

@@ -1,0 +1,311 @@
+"""The optimizer: exact update norms per kind, skipping, schedulers, resume, errors."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import normgraph
+from normgraph import annotations, dual, layout
+from normgraph.normgraph import Atom, NormGraph
+from normgraph.optim import NormGraphOptimizer
+
+CUDA = torch.cuda.is_available()
+EAGER = dict(compile_mode="eager")  # torch.compile is covered by test_codegen; keep these fast
+
+
+class Net(nn.Module):
+    """Every atom kind: linear, grouped + depthwise conv, expert stack, embedding, gain, bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.fc = nn.Linear(8, 12)
+        self.ln = nn.LayerNorm(12)
+        self.experts = nn.Parameter(torch.randn(3, 5, 12) * 0.2)
+        self.conv = nn.Conv2d(4, 6, 3, groups=2, padding=1, bias=False)
+        self.dw = nn.Conv2d(6, 6, 3, groups=6, padding=1, bias=False)
+
+    def forward(self, tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        h = self.ln(self.fc(self.emb(tokens)))
+        moe = torch.einsum("eoi,bti->beto", self.experts, h)
+        return moe.square().mean() + self.dw(self.conv(image)).square().mean()
+
+
+def _matrix(out: int, inp: int) -> dict:
+    return layout.matrix_options([1, out, inp], [0, 1, 2], 1, out, inp)
+
+
+def _conv(out: int, inp: int, groups: int, k: int) -> dict:
+    kk = k * k
+    return layout.matrix_options([groups, out // groups, inp // groups, kk], [0, 3, 1, 2],
+                                 groups * kk, out // groups, inp // groups, kk)
+
+
+def norm_graph() -> NormGraph:
+    atoms = [
+        Atom("emb.weight", "embedding", (10, 8), budget=0.9),
+        Atom("fc.weight", "linear", (12, 8), budget=0.5, options=_matrix(12, 8)),
+        Atom("fc.bias", "bias", (12,), budget=0.05),
+        Atom("ln.weight", "gain", (12,), budget=0.1),
+        Atom("ln.bias", "bias", (12,), budget=0.07),
+        Atom("experts", "expert", (3, 5, 12), budget=0.4, options=layout.matrix_options([3, 5, 12], [0, 1, 2], 3, 5, 12)),
+        Atom("conv.weight", "conv", (6, 2, 3, 3), budget=0.3, options=_conv(6, 4, 2, 3)),
+        Atom("dw.weight", "conv", (6, 1, 3, 3), budget=0.2, options=_conv(6, 6, 6, 3)),
+    ]
+    return NormGraph({a.name: a for a in atoms})
+
+
+TOKENS = torch.tensor([[1, 2, 2, 5]])  # rows 0, 3, 4, 6.. of the embedding get no gradient
+
+
+def backward(model: Net, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    dtype = model.fc.weight.dtype
+    model(TOKENS, torch.randn(2, 4, 5, 5, generator=gen, dtype=dtype)).backward()
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("lr", [0.1, 0.013])
+def test_svd_update_has_norm_lr_times_budget_for_every_kind(lr: float) -> None:
+    torch.manual_seed(0)
+    model, ng = Net().double(), norm_graph()
+    opt = NormGraphOptimizer(model, ng, lr=lr, momentum=0.0, nesterov=False, orthogonalizer="svd", **EAGER)
+    backward(model)
+    before = snapshot(model)
+    opt.step()
+    for name, p in model.named_parameters():
+        delta = before[name] - p.detach()
+        atom = ng.atoms[name]
+        assert layout.atom_norm(atom, delta) == pytest.approx(lr * atom.budget, rel=1e-6), name
+    emb_delta = before["emb.weight"] - model.emb.weight.detach()
+    untouched = [r for r in range(10) if r not in TOKENS.tolist()[0]]
+    assert torch.equal(emb_delta[untouched], torch.zeros(len(untouched), 8, dtype=torch.float64))
+
+
+def test_newton_schulz_step_is_close_to_budget() -> None:
+    torch.manual_seed(0)
+    model, ng = Net(), norm_graph()
+    opt = NormGraphOptimizer(model, ng, lr=1.0, momentum=0.0, nesterov=False, ns_coefficients="polar-express", **EAGER)
+    backward(model)
+    before = snapshot(model)
+    opt.step()
+    for name in ("fc.weight", "experts"):
+        ratio = layout.atom_norm(ng.atoms[name], before[name] - getattr_param(model, name)) / ng.atoms[name].budget
+        assert 0.8 <= ratio <= 1.2, name
+
+
+def getattr_param(model: nn.Module, name: str) -> torch.Tensor:
+    return dict(model.named_parameters())[name].detach()
+
+
+def test_momentum_nesterov_and_weight_decay_follow_the_formulas() -> None:
+    torch.manual_seed(0)
+    model, ng = Net().double(), norm_graph()
+    lr, m, wd = 0.05, 0.9, 0.1
+    opt = NormGraphOptimizer(model, ng, lr=lr, momentum=m, nesterov=True, weight_decay=wd, orthogonalizer="svd", **EAGER)
+    bufs = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for seed in range(2):
+        opt.zero_grad()
+        backward(model, seed)
+        expect = {}
+        for n, p in model.named_parameters():
+            bufs[n] = m * bufs[n] + (1 - m) * p.grad
+            direction = (1 - m) * p.grad + m * bufs[n]
+            expect[n] = p.detach() * (1 - lr * wd) - lr * dual.dualize_atom(ng.atoms[n], direction)
+        opt.step()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), expect[n], rtol=1e-10, atol=1e-10, msg=n)
+
+
+def test_missing_grads_and_frozen_params_do_not_move() -> None:
+    torch.manual_seed(0)
+    model, ng = Net(), norm_graph()
+    model.ln.weight.requires_grad_(False)
+    opt = NormGraphOptimizer(model, ng, weight_decay=0.5, **EAGER)
+    assert "ln.weight" not in [g["name"] for g in opt.param_groups]
+    backward(model)
+    model.fc.bias.grad = None  # e.g. unused this step
+    before = snapshot(model)
+    opt.step()
+    for n in ("ln.weight", "fc.bias"):
+        assert torch.equal(getattr_param(model, n), before[n]), n
+    assert not torch.equal(getattr_param(model, "fc.weight"), before["fc.weight"])
+    assert len(opt._maps) == 2  # the full map (built up front) and one for the present subset
+
+
+def test_zero_gradient_gives_zero_update() -> None:
+    model, ng = Net(), norm_graph()
+    opt = NormGraphOptimizer(model, ng, **EAGER)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    before = snapshot(model)
+    opt.step()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+
+
+def test_non_finite_gradient_skips_the_whole_step() -> None:
+    torch.manual_seed(0)
+    model, ng = Net(), norm_graph()
+    opt = NormGraphOptimizer(model, ng, weight_decay=0.1, **EAGER)
+    backward(model)
+    opt.step()
+    state = copy.deepcopy(opt.state_dict())
+    before = snapshot(model)
+    opt.zero_grad()
+    backward(model, 1)
+    model.fc.weight.grad[0, 0] = float("nan")
+    model.experts.grad[1, 2, 3] = float("inf")
+    with pytest.warns(RuntimeWarning, match="non-finite gradient in fc.weight, experts"):
+        opt.step()
+    assert opt.last_step_skipped and opt.skipped_steps == 1
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+    for k, v in opt.state_dict()["state"].items():
+        assert torch.equal(v["momentum_buffer"], state["state"][k]["momentum_buffer"])
+    opt.zero_grad()
+    backward(model, 2)
+    opt.step()
+    assert not opt.last_step_skipped
+
+
+def test_state_dict_resume_is_bit_identical() -> None:
+    def run(steps: range, model: Net, opt: NormGraphOptimizer) -> None:
+        for seed in steps:
+            opt.zero_grad()
+            backward(model, seed)
+            opt.step()
+
+    torch.manual_seed(0)
+    model = Net()
+    kw = dict(lr=0.05, weight_decay=0.01, ns_coefficients="polar-express", **EAGER)
+    opt = NormGraphOptimizer(model, norm_graph(), **kw)
+    run(range(3), model, opt)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    run(range(3, 6), model, opt)
+
+    resumed = Net()
+    resumed.load_state_dict(saved_model)
+    opt2 = NormGraphOptimizer(resumed, norm_graph(), **kw)
+    opt2.load_state_dict(saved_opt)
+    run(range(3, 6), resumed, opt2)
+    for (n, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_lr_scheduler_and_per_parameter_lr() -> None:
+    torch.manual_seed(0)
+    model, ng = Net().double(), norm_graph()
+    opt = NormGraphOptimizer(model, ng, lr=0.1, momentum=0.0, orthogonalizer="svd", **EAGER)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.group("fc.weight")["lr"] = 0.3
+    opt.group("fc.weight")["initial_lr"] = 0.3
+    for expected_fc, expected_other in [(0.3, 0.1), (0.15, 0.05), (0.075, 0.025)]:
+        opt.zero_grad()
+        backward(model)
+        before = snapshot(model)
+        opt.step()
+        sched.step()
+        fc = layout.atom_norm(ng.atoms["fc.weight"], before["fc.weight"] - model.fc.weight.detach())
+        ex = layout.atom_norm(ng.atoms["experts"], before["experts"] - model.experts.detach())
+        assert fc == pytest.approx(expected_fc * 0.5, rel=1e-6)
+        assert ex == pytest.approx(expected_other * 0.4, rel=1e-6)
+
+
+def test_changing_a_budget_regenerates_the_map() -> None:
+    model, ng = Net(), norm_graph()
+    opt = NormGraphOptimizer(model, ng, **EAGER)
+    old = opt.source
+    ng.atoms["fc.weight"].budget = 0.25
+    backward(model)
+    opt.step()
+    assert opt.source != old and repr(0.25 * (12 / 8) ** 0.5) in opt.source
+
+
+def test_closure_and_zero_grad() -> None:
+    model = Net()
+    opt = NormGraphOptimizer(model, norm_graph(), **EAGER)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(TOKENS, torch.ones(1, 4, 5, 5))
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor)
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_compile_entry_point_with_annotations(tmp_path) -> None:
+    model, ng = Net(), norm_graph()
+    opt = normgraph.compile(model, annotations=ng, lr=0.2, compile_mode="eager")
+    assert isinstance(opt, NormGraphOptimizer) and opt.norm_graph is ng
+    assert "def dualize(grads):" in opt.source and opt.param_groups[0]["lr"] == 0.2
+
+
+def test_compile_from_a_hand_edited_annotation_file(tmp_path) -> None:
+    """A mass edited in the JSON file changes the budgets the optimizer steps with."""
+    import json
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8, bias=False), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 3, bias=False))
+    path = normgraph.analyze(model).save(tmp_path / "mlp.json")
+    doc = json.loads(path.read_text())
+    for item in doc["atoms"]:
+        if item["name"] == "0.weight":
+            item["mass"] = 3.0  # total mass 4: budgets 3/4 and 1/4
+    path.write_text(json.dumps(doc))
+    opt = normgraph.compile(model, annotations=str(path), lr=0.1, momentum=0.0, nesterov=False,
+                            orthogonalizer="svd", compile_mode="eager")
+    assert opt.norm_graph.atoms["0.weight"].budget == pytest.approx(0.75)
+    model(torch.randn(5, 6)).square().sum().backward()
+    before = snapshot(model)
+    opt.step()
+    for name, budget in (("0.weight", 0.75), ("2.weight", 0.25)):
+        moved = layout.atom_norm(opt.norm_graph.atoms[name], before[name] - dict(model.named_parameters())[name].detach())
+        assert moved == pytest.approx(0.1 * budget, rel=1e-5)
+    bigger = torch.nn.Sequential(torch.nn.Linear(6, 9, bias=False), torch.nn.ReLU(), torch.nn.Linear(9, 3, bias=False))
+    with pytest.raises(ValueError, match=r"(?s)2 mismatches.*'0.weight': shape \[8, 6\].*'2.weight': shape"):
+        normgraph.compile(bigger, annotations=str(path), compile_mode="eager")
+
+
+def test_mismatched_annotations_raise_clear_errors() -> None:
+    ng = norm_graph()
+    ng.atoms["ghost.weight"] = Atom("ghost.weight", "bias", (3,))
+    with pytest.raises(ValueError, match="ghost.weight.*re-run normgraph.analyze"):
+        NormGraphOptimizer(Net(), ng, **EAGER)
+    ng = norm_graph()
+    ng.atoms["fc.bias"].shape = (13,)
+    with pytest.raises(ValueError, match="'fc.bias' has shape"):
+        NormGraphOptimizer(Net(), ng, **EAGER)
+    ng = norm_graph()
+    del ng.atoms["ln.bias"]
+    with pytest.warns(RuntimeWarning, match="NOT optimized: \\['ln.bias'\\]"):
+        NormGraphOptimizer(Net(), ng, **EAGER)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_optimizer_on_cuda_compiled() -> None:
+    torch.manual_seed(0)
+    model, ng = Net().cuda(), norm_graph()
+    opt = NormGraphOptimizer(model, ng, lr=0.1, momentum=0.0, nesterov=False)
+    gen = torch.Generator().manual_seed(0)
+    model(TOKENS.cuda(), torch.randn(2, 4, 5, 5, generator=gen).cuda()).backward()
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # compilation must work on CUDA
+        opt.step()
+    assert opt.dualize.compiled
+    for n, p in model.named_parameters():
+        ratio = layout.atom_norm(ng.atoms[n], before[n] - p.detach()) / (0.1 * ng.atoms[n].budget)
+        assert 0.6 <= ratio <= 1.3, n
