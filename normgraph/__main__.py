@@ -1,0 +1,4 @@
+"""`python -m normgraph ...` runs the command line (see normgraph/cli.py)."""
+from .cli import main
+
+raise SystemExit(main())
