@@ -126,26 +126,40 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         if not _all_finite(grads):
             self._skip([self.param_groups[i]["name"] for i, g in zip(live, grads) if not torch.isfinite(g).all()])
             return loss
-        directions = [self._momentum(self.param_groups[i], p, g) for i, p, g in zip(live, params, grads)]
+        directions = self._momentum([self.param_groups[i] for i in live], params, grads)
         updates = self._map_for(live, grads)(directions)
-        for i, p, u in zip(live, params, updates):
-            group = self.param_groups[i]
-            if group["weight_decay"]:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_(u, alpha=-group["lr"])
+        groups = [self.param_groups[i] for i in live]
+        decayed = [(p, 1 - g["lr"] * g["weight_decay"]) for p, g in zip(params, groups) if g["weight_decay"]]
+        if decayed:
+            torch._foreach_mul_([p for p, _ in decayed], [f for _, f in decayed])
+        torch._foreach_add_(params, torch._foreach_mul(updates, [-g["lr"] for g in groups]))
         return loss
 
-    def _momentum(self, group: dict[str, Any], p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """EMA momentum: buf ← m·buf + (1−m)·g; Nesterov looks ahead: (1−m)·g + m·buf."""
-        m = group["momentum"]
-        if not m:
-            return g
-        state = self.state[p]
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = state["momentum_buffer"] = torch.zeros_like(g)
-        buf.lerp_(g, 1 - m)
-        return g.lerp(buf, m) if group["nesterov"] else buf
+    def _momentum(self, groups: list[dict[str, Any]], params: list[torch.Tensor],
+                  grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """EMA momentum: buf ← m·buf + (1−m)·g; Nesterov looks ahead: (1−m)·g + m·buf.
+
+        Batched with torch._foreach_* over the parameters that share (momentum, nesterov),
+        so the step costs a handful of kernel launches, not a few per parameter.
+        """
+        out: list[torch.Tensor] = list(grads)
+        buckets: dict[tuple[float, bool], list[int]] = {}
+        for k, g in enumerate(groups):
+            if g["momentum"]:
+                buckets.setdefault((g["momentum"], bool(g["nesterov"])), []).append(k)
+        for (m, nesterov), idx in buckets.items():
+            bufs = []
+            for k in idx:
+                state = self.state[params[k]]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grads[k])
+                bufs.append(state["momentum_buffer"])
+            gs = [grads[k] for k in idx]
+            torch._foreach_lerp_(bufs, gs, 1 - m)
+            looked = torch._foreach_lerp(gs, bufs, m) if nesterov else bufs
+            for k, d in zip(idx, looked):
+                out[k] = d
+        return out
 
     def _skip(self, bad: list[str]) -> None:
         self.last_step_skipped = True
