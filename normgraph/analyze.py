@@ -208,10 +208,12 @@ def classify(cap: Captured, trainable: Mapping[str, torch.Tensor], conv_mode: st
             rule = ATOM_RULES.get(use.op)
             spec = None if odd or rule is None else rule(use)
             if spec is None:
-                why = odd or (f"used by {use.op} (argument {use.key!r}), which has no atom rule"
-                              if rule is not None or use.op else "no rule")
-                if rule is None:
+                if odd:
+                    why = f"reaches {use.op} (node {use.node.name}) through an {odd}"
+                elif rule is None:
                     why = f"used by {use.op} (node {use.node.name}), which has no atom rule"
+                else:
+                    why = f"used by {use.op} (node {use.node.name}) as argument {use.key!r}, which its rule does not cover"
                 spec = AtomSpec("fallback", note=why)
             found[name].append((spec, use.node))
     for node in cap.graph.nodes:  # opaque (leaf) modules own their parameters' rules

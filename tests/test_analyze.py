@@ -376,3 +376,25 @@ def test_table_graph_and_dot():
     assert any("sensitivity" in d for _, _, d in g.edges(data=True))
     dot = ng.to_dot()
     assert dot.startswith("digraph") and '"f1.0.weight"' in dot
+
+
+def test_op_without_atom_rule_falls_back_visibly_and_a_registered_rule_fixes_it():
+    class LogScale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.log_scale = nn.Parameter(torch.zeros(4))
+
+        def forward(self, x):
+            return x * torch.exp(self.log_scale)
+
+    ng = normgraph.analyze(LogScale(), (torch.randn(2, 4),))
+    assert ng.atoms["log_scale"].kind == "fallback"
+    assert "used by exp" in ng.diagnostics.fallbacks["log_scale"]
+    assert "fallback norm for log_scale" in str(ng)
+    from normgraph.rules import ATOM_RULES, AtomSpec
+    normgraph.register_atom_rule("exp", lambda use: AtomSpec("gain", note="log-parameterised gain"))
+    try:
+        ng = normgraph.analyze(LogScale(), (torch.randn(2, 4),))
+        assert ng.atoms["log_scale"].kind == "gain" and not ng.diagnostics.fallbacks
+    finally:
+        ATOM_RULES.pop("exp")
