@@ -1,0 +1,88 @@
+"""The demo's data, model and training loop, at a size that runs in seconds."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from normgraph import demo
+from normgraph.data import HELDOUT_FILES, TRAIN_FILES, Corpus, stdlib_dir
+from normgraph.models import GPT, GPTConfig
+
+TINY = GPTConfig(block_size=16, n_layer=1, n_head=2, d_model=32)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> Corpus:
+    return Corpus.load()
+
+
+def test_corpus_files_exist_and_are_disjoint(corpus: Corpus) -> None:
+    assert not set(TRAIN_FILES) & set(HELDOUT_FILES)
+    for name in TRAIN_FILES + HELDOUT_FILES:
+        assert (stdlib_dir() / name).is_file(), name
+    assert len(corpus.train) > 200_000 and len(corpus.heldout) > 50_000
+    assert corpus.train.dtype == torch.uint8
+
+
+def test_batches_are_deterministic(corpus: Corpus) -> None:
+    a = corpus.batches(4, 16, seed=3)
+    b = corpus.batches(4, 16, seed=3)
+    for _ in range(3):
+        (xa, ya), (xb, yb) = next(a), next(b)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert xa.shape == (4, 16) and torch.equal(xa[:, 1:], ya[:, :-1])
+
+
+def test_gpt_forward_and_residual_scale() -> None:
+    model = GPT(GPTConfig(block_size=16, n_layer=4, n_head=2, d_model=32))
+    assert model.blocks[0].scale == pytest.approx(0.25)
+    logits = model(torch.randint(0, 256, (2, 16)))
+    assert logits.shape == (2, 16, 256)
+
+
+def test_muon_gets_only_hidden_matrices() -> None:
+    model = GPT(TINY)
+    opt = demo.make_optimizer("muon", model, 0.02, torch.zeros(1, 16, dtype=torch.long))
+    muon, adamw = opt.opts
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    n_muon = sum(len(g["params"]) for g in muon.param_groups)
+    n_adam = sum(len(g["params"]) for g in adamw.param_groups)
+    assert n_muon == 4  # qkv, proj, fc, out
+    assert n_muon + n_adam == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name", demo.OPTIMIZERS)
+def test_each_optimizer_trains(corpus: Corpus, name: str) -> None:
+    lr = demo.DEFAULT_LRS[name]
+    r = demo.train(name, lr, TINY, corpus, steps=8, batch_size=4, progress=False, heldout_batches=1)
+    assert len(r.losses) == 8 and all(math.isfinite(x) for x in r.losses)
+    assert math.isfinite(r.heldout_loss)
+    assert r.losses[-1] < r.losses[0]  # 8 steps from a random init always make progress
+
+
+def test_same_init_and_data_for_every_optimizer(corpus: Corpus) -> None:
+    """Step-0 losses agree: same seed → same init and same first batch."""
+    firsts = {n: demo.train(n, demo.DEFAULT_LRS[n], TINY, corpus, steps=1, batch_size=4,
+                            progress=False, heldout_batches=0).losses[0] for n in demo.OPTIMIZERS}
+    assert len({round(v, 5) for v in firsts.values()}) == 1, firsts
+
+
+def test_demo_main_writes_table_and_png(tmp_path, capsys) -> None:
+    png = tmp_path / "curves.png"
+    assert demo.main(["--tiny", "--steps", "3", "--no-progress", "--out", str(png)]) == 0
+    out = capsys.readouterr().out
+    for name in demo.OPTIMIZERS:
+        assert f"| {name} |" in out
+    assert "held-out loss" in out and str(png.resolve()) in out
+    assert png.stat().st_size > 1000
+
+
+def test_cli_demo_subcommand(tmp_path, capsys) -> None:
+    from normgraph import cli
+    png = tmp_path / "c.png"
+    rc = cli.main(["demo", "--tiny", "--steps", "2", "--no-progress", "--optimizers", "normgraph",
+                   "--out", str(png)])
+    assert rc in (0, None)
+    assert "| normgraph |" in capsys.readouterr().out and png.exists()
