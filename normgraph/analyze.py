@@ -180,6 +180,8 @@ def _swaps_last_two(node: fx.Node, op: str, ndim: int) -> bool | None:
     """True/False if `node` swaps/keeps the last two dims; None if it permutes otherwise."""
     if op == "t":
         return True
+    if op == "numpy_T":  # reverses every dim: a swap of the last two only for a matrix
+        return True if ndim == 2 else None
     a = ops.arguments(node)
     if op in ("transpose", "swapaxes"):
         d0, d1 = ops.arg(a, "dim0", 1), ops.arg(a, "dim1", 2)

@@ -28,8 +28,11 @@ _ALIASES = {
     "_scaled_dot_product_flash_attention": "scaled_dot_product_attention",
     "_scaled_dot_product_efficient_attention": "scaled_dot_product_attention",
     "_scaled_dot_product_flash_attention_for_cpu": "scaled_dot_product_attention",
-    "lift_fresh_copy": "alias", "mT": "t", "view_as": "view", "reshape_as": "reshape",
+    "lift_fresh_copy": "alias", "mT": "t", "mH": "t", "adjoint": "t", "numpy_mT": "t",
+    "view_as": "view", "reshape_as": "reshape",
 }
+#: Tensor attributes that are ops (`W.T`, `W.mT`): symbolic_trace records them as getattr.
+_ATTRIBUTE_OPS = {"T": "numpy_T", "H": "numpy_T", "mT": "t", "mH": "t"}
 
 
 def _strip(name: str) -> str:
@@ -47,6 +50,8 @@ def op_name(node: fx.Node, modules: dict[str, torch.nn.Module] | None = None) ->
             return _strip(schema_name.split("::")[-1])
         if t is operator.getitem:
             return "getitem"
+        if t is getattr and len(node.args) == 2 and node.args[1] in _ATTRIBUTE_OPS:
+            return _ATTRIBUTE_OPS[node.args[1]]
         return _strip(getattr(t, "__name__", str(t)))
     if node.op == "call_method":
         return _strip(str(node.target))

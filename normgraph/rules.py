@@ -61,7 +61,7 @@ PARAM_PASSTHROUGH = {
     "alias", "identity", "dropout", "view", "reshape", "flatten", "expand", "unsqueeze",
     "squeeze", "expand_as",
 }
-PARAM_TRANSPOSE = {"t", "transpose", "permute", "swapaxes", "movedim"}
+PARAM_TRANSPOSE = {"t", "numpy_T", "transpose", "permute", "swapaxes", "movedim"}
 PARAM_INDEX = {"getitem", "select", "index"}
 
 ATOM_RULES: dict[str, AtomRule] = {}
@@ -321,9 +321,9 @@ for _op in ("add", "sub", "rsub", "neg", "relu", "relu6", "abs", "dropout", "ide
             "hardtanh", "elu", "selu", "celu", "softplus", "clamp", "clamp_min", "clamp_max",
             "maximum", "minimum", "max_pool1d", "max_pool2d", "max_pool3d",
             "max_pool2d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d",
-            "view", "reshape", "permute", "transpose", "t", "getitem", "split", "split_with_sizes",
-            "chunk", "unbind", "cat", "concat", "stack", "flatten", "unflatten", "pad", "expand",
-            "expand_as", "contiguous", "clone", "to", "type", "type_as", "float", "half",
+            "view", "reshape", "permute", "transpose", "t", "numpy_T", "getitem", "split",
+            "split_with_sizes", "chunk", "unbind", "cat", "concat", "stack", "flatten", "unflatten",
+            "pad", "expand", "expand_as", "contiguous", "clone", "to", "type", "type_as", "float", "half",
             "bfloat16", "detach", "squeeze", "unsqueeze", "slice", "select", "narrow", "repeat",
             "roll", "alias", "movedim", "swapaxes", "mean", "avg_pool1d", "avg_pool2d",
             "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",

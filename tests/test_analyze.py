@@ -261,6 +261,29 @@ def test_transposed_layout_matrix_view():
     assert torch.equal(mats[1], m.weight[:, 3:6].T)
 
 
+@pytest.mark.parametrize("inputs", [None, (torch.randn(2, 4),)])
+def test_transpose_attributes_are_transposes(inputs):
+    """`x @ W.T` (numpy_T under torch.export, getattr under symbolic_trace), `.mT`, `.adjoint()`."""
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Parameter(torch.randn(8, 4))
+            self.b = nn.Parameter(torch.randn(3, 8))
+            self.c = nn.Parameter(torch.randn(5, 3))
+
+        def forward(self, x):
+            return ((x @ self.a.T) @ self.b.mT) @ self.c.adjoint()
+
+    m = M()
+    ng = normgraph.analyze(m, inputs)
+    for name, (fan_out, fan_in) in {"a": (8, 4), "b": (3, 8), "c": (5, 3)}.items():
+        a = ng.atoms[name]
+        assert (a.kind, a.fan_in, a.fan_out) == ("linear", fan_in, fan_out), a
+        w = getattr(m, name)
+        assert atom_norm(a, w) == pytest.approx(_svd_norm_linear(w))
+    assert not ng.diagnostics.fallbacks and not ng.diagnostics.assumed_ops
+
+
 def test_tied_parameter_takes_first_use_and_can_be_overridden():
     class Tied(nn.Module):
         def __init__(self) -> None:
