@@ -8,10 +8,13 @@ same number of Newton–Schulz steps with the quintic coefficients. Printed side
   normgraph map      the compiled generated map (stacked same-shape matrices, batched NS)
   normgraph step     NormGraphOptimizer.step(): momentum + map + weight update
   Muon.step()        torch.optim.Muon (one matrix at a time, always bf16)
-  NS loop            dual.newton_schulz on each matrix in turn (eager)
+  NS loop            dual.newton_schulz on each matrix in turn (eager, direct form)
 normgraph's compute dtype is the default (bf16 on CUDA, fp32 on CPU) and, on CPU, also bf16:
-Muon computes in bf16 everywhere, so that row is the same-precision comparison. It also
-prints the fraction of the bf16 matmul roofline (a big bf16 matmul timed in this run).
+Muon computes in bf16 everywhere, so that row is the same-precision comparison. On CPU the
+fp32 map runs in Gram form on the rectangular matrices (ns_method="auto"; same polynomial,
+fewer FLOPs), and a direct-form fp32 row shows what that buys. Each row's TFLOP/s counts
+the matmul FLOPs its form really does, against the bf16 matmul roofline (a big bf16 matmul
+timed in this run).
 """
 from __future__ import annotations
 
@@ -81,41 +84,42 @@ def main() -> None:
              for n, s in mats]
     grads = [p.grad for p in params]
     specs = [codegen.spec_of(g) for g in grads]
-    flops = codegen.flops(atoms, args.steps)
+    direct_flops = codegen.flops(atoms, args.steps, specs, ns_method="direct")
 
-    rows: list[tuple[str, float]] = []
-    dtypes = [None] if device.type == "cuda" else [None, torch.bfloat16]
-    for dt in dtypes:
-        label = f"normgraph map ({dual.compute_dtype(device, dt)})".replace("torch.", "")
-        _, fn = codegen.generate(atoms, specs=specs, ns_steps=args.steps, dtype=dt)
+    rows: list[tuple[str, float, float]] = []  # (label, seconds, matmul FLOPs it does)
+    contenders = [(None, "auto")] + ([] if device.type == "cuda" else [(None, "direct"), (torch.bfloat16, "auto")])
+    for dt, method in contenders:
+        work = dual.compute_dtype(device, dt)
+        form = "Gram form" if method == "auto" and dual.use_gram(768, 3072, work) else "direct"
+        label = f"normgraph map ({work}, {form})".replace("torch.", "")
+        flops = codegen.flops(atoms, args.steps, specs, dtype=dt, ns_method=method)
+        _, fn = codegen.generate(atoms, specs=specs, ns_steps=args.steps, dtype=dt, ns_method=method)
         t0 = time.perf_counter()
         fn(grads)
         sync(device)
         print(f"  compiled {label} in {time.perf_counter() - t0:.1f}s (first call){'' if fn.compiled else ' -- EAGER: ' + str(fn.compile_error)}")
-        rows.append((label, timeit(lambda: fn(grads), device, repeats)))
+        rows.append((label, timeit(lambda: fn(grads), device, repeats), flops))
         ng = NormGraph({a.name: a for a in atoms})
         opt = NormGraphOptimizer(list(zip([n for n, _ in mats], params)), ng, lr=0.02, ns_steps=args.steps,
-                                 compute_dtype=dt)
-        rows.append((label.replace("map", "step()"), timeit(opt.step, device, repeats)))
-        if dt is None and device.type == "cpu":
-            _, eager = codegen.generate(atoms, specs=specs, ns_steps=args.steps, compile_mode="eager")
-            rows.append(("normgraph map, eager (float32)", timeit(lambda: eager(grads), device, repeats)))
+                                 compute_dtype=dt, ns_method=method)
+        rows.append((label.replace("map", "step()"), timeit(opt.step, device, repeats), flops))
 
     muon = torch.optim.Muon(params, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=args.steps)
-    rows.append(("torch.optim.Muon.step() (bfloat16)", timeit(muon.step, device, repeats)))
+    rows.append(("torch.optim.Muon.step() (bfloat16, direct)", timeit(muon.step, device, repeats), direct_flops))
     work = dual.compute_dtype(device)
-    rows.append((f"per-matrix NS loop ({work})".replace("torch.", ""),
-                 timeit(lambda: [dual.newton_schulz(g, args.steps) for g in grads], device, repeats)))
+    rows.append((f"per-matrix NS loop ({work}, direct)".replace("torch.", ""),
+                 timeit(lambda: [dual.newton_schulz(g, args.steps, method="direct") for g in grads], device, repeats),
+                 direct_flops))
 
-    muon_t = dict(rows)["torch.optim.Muon.step() (bfloat16)"]
+    muon_t = rows[-2][1]
     roof = matmul_tflops(device, n=8192 if device.type == "cuda" else 2048)
-    print(f"| contender | time (ms) | Muon.step() / this | NS TFLOP/s |" + (" roofline fraction |" if roof else ""))
-    print("|---|---|---|---|" + ("---|" if roof else ""))
-    for label, t in rows:
+    print("| contender | time (ms) | Muon.step() / this | matmul TFLOP/s | roofline fraction |")
+    print("|---|---|---|---|---|")
+    for label, t, flops in rows:
         tf = flops / t / 1e12
-        line = f"| {label} | {t * 1e3:.1f} | {muon_t / t:.2f}× | {tf:.3f} |"
-        print(line + (f" {tf / roof:.1%} |" if roof else ""))
-    print(f"# NS FLOPs per call: {flops / 1e12:.3f} TFLOP" +
+        print(f"| {label} | {t * 1e3:.1f} | {muon_t / t:.2f}× | {tf:.3f} | {tf / roof:.1%} |")
+    print(f"# matmul FLOPs per call: direct form {direct_flops / 1e12:.3f} TFLOP, Gram form "
+          f"{codegen.flops(atoms, args.steps, specs, dtype=torch.float32, ns_method='auto') / 1e12:.3f} TFLOP"
           f"; bf16 matmul roofline measured in this run: {roof:.2f} TFLOP/s")
 
 

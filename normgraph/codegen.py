@@ -127,11 +127,14 @@ def _names(members: list[tuple[int, Atom]], width: int = 88) -> list[str]:
     return lines
 
 
-def _emit_orthogonalize(gi: int, g: _Group, orthogonalizer: str, work: torch.dtype, out: list[str]) -> None:
+def _emit_orthogonalize(gi: int, g: _Group, orthogonalizer: str, work: torch.dtype, method: str,
+                        out: list[str]) -> None:
     n_mats = sum(a.options["matrix"][0] for _, a in g.members)
     tall = g.rows > g.cols
+    gram = orthogonalizer == "newton-schulz" and dual.use_gram(g.rows, g.cols, work, method)
     how = ("exact SVD" if orthogonalizer == "svd" else
-           f"Newton–Schulz on the {'transposes (tall)' if tall else 'matrices'}, Gram {min(g.rows, g.cols)}²")
+           f"Newton–Schulz on the {'transposes (tall)' if tall else 'matrices'}, Gram {min(g.rows, g.cols)}²"
+           + (", iterated in Gram form" if gram else ""))
     out.append(f"    # group {gi}: orthogonalize {n_mats} × ({g.rows}×{g.cols}) {g.dtype} on {g.device}, {how}")
     out.extend("    " + line for line in _names(g.members))
     plain = all(_is_plain(a) for _, a in g.members)
@@ -149,7 +152,8 @@ def _emit_orthogonalize(gi: int, g: _Group, orthogonalizer: str, work: torch.dty
     else:
         cast_in = f".to(torch.{_dtype_name(work)})" if _dtype_name(work) != g.dtype else ""
         cast_out = f".to(torch.{g.dtype})" if cast_in else ""
-        out.append(f"    o{gi} = _newton_schulz(g{gi}{cast_in}){'.mT' if tall else ''}{cast_out}")
+        form = ", gram_form=True" if gram else ""
+        out.append(f"    o{gi} = _newton_schulz(g{gi}{cast_in}{form}){'.mT' if tall else ''}{cast_out}")
     start = 0
     for i, a in g.members:
         b = a.options["matrix"][0]
@@ -186,15 +190,17 @@ def _ns_helper(coeffs: dual.Coefficients, safety: float, eps: float, label: str,
         ")",
         "",
         "",
-        "def _newton_schulz(x):",
+        "def _newton_schulz(x, gram_form=False):",
         '    """(B, m, n) with m <= n → ≈ U Vᵀ; Frobenius-normalised first so σ ≤ 1 (0 stays 0)."""',
-        "    norm = torch.linalg.matrix_norm(x, keepdim=True, dtype=torch.float32)",
+        "    norm = torch.linalg.matrix_norm(x, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))",
         f"    x = x / (norm * {_lit(safety)} + {_lit(eps)}).to(x.dtype)",
+        "    if gram_form:  # same polynomial, looping on the m×m Gram matrix (normgraph.dual.gram_newton_schulz)",
+        "        return _gram_newton_schulz(x, _COEFFICIENTS)",
         "    for a, b, c in _COEFFICIENTS:",
         "        gram = torch.bmm(x, x.mT)",
         *(["        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b·G + c·G² in one cuBLAS call",
             "        x = torch.baddbmm(x, poly, x, beta=a)"] if fused else
-          ["        poly = b * gram + c * torch.bmm(gram, gram)  # plain bmm: CPU baddbmm is slow",
+          ["        poly = b * gram + c * torch.bmm(gram, gram)  # plain bmm: some CPUs run baddbmm slowly",
            "        x = a * x + torch.bmm(poly, x)"]),
         "    return x",
         "",
@@ -206,7 +212,7 @@ def _ns_helper(coeffs: dual.Coefficients, safety: float, eps: float, label: str,
 def generate_source(atoms: Sequence[Atom] | NormGraph | dict[str, Atom], *, specs: Sequence[Spec] | None = None,
                     orthogonalizer: str = "newton-schulz", ns_steps: int = 5,
                     coefficients: str | Sequence = "quintic", dtype: torch.dtype | str | None = None,
-                    eps: float = 1e-7, name: str = "dualize") -> str:
+                    ns_method: str = "auto", eps: float = 1e-7, name: str = "dualize") -> str:
     """The Python source of `def <name>(grads): ...` for these atoms (see module docstring)."""
     atoms = _as_list(atoms)
     specs = list(specs) if specs is not None else [(a.dtype, "cpu") for a in atoms]
@@ -215,6 +221,7 @@ def generate_source(atoms: Sequence[Atom] | NormGraph | dict[str, Atom], *, spec
     if orthogonalizer not in dual.ORTHOGONALIZERS:
         raise ValueError(f"unknown orthogonalizer {orthogonalizer!r}; use one of {dual.ORTHOGONALIZERS}")
     coeffs, safety = dual.ns_schedule(coefficients, ns_steps)
+    dual.use_gram(1, 1, torch.float32, ns_method)  # validates the name
     groups = _groups(atoms, specs)
     ortho = [g for g in groups if g.dual == "orthogonalize"]
     label = (coefficients if isinstance(coefficients, str) else "explicit") + f", {ns_steps} steps"
@@ -231,7 +238,7 @@ def generate_source(atoms: Sequence[Atom] | NormGraph | dict[str, Atom], *, spec
     for gi, g in enumerate(groups):
         if g.dual == "orthogonalize":
             work = dual.compute_dtype(torch.device(g.device), _dtype(str(dtype)) if dtype else None)
-            _emit_orthogonalize(gi, g, orthogonalizer, work, out)
+            _emit_orthogonalize(gi, g, orthogonalizer, work, ns_method, out)
         else:
             _emit_elementwise(gi, g, out)
     if atoms:
@@ -249,6 +256,7 @@ def exec_source(source: str, name: str = "dualize") -> Callable[[list[torch.Tens
     namespace: dict[str, Any] = {
         "torch": torch,
         "_svd_orthogonalize": dual.svd_orthogonalize,
+        "_gram_newton_schulz": dual.gram_newton_schulz,
         "_rms_normalize": dual.rms_normalize,
         "_row_normalize": dual.row_normalize,
         "__name__": f"normgraph.generated.{name}",
@@ -309,15 +317,16 @@ class DualityMap:
 
 def generate(atoms: Sequence[Atom] | NormGraph | dict[str, Atom], *, orthogonalizer: str = "newton-schulz",
              ns_steps: int = 5, coefficients: str | Sequence = "quintic",
-             dtype: torch.dtype | str | None = None, specs: Sequence[Spec] | None = None,
-             compile_mode: str = "default", backend: str | None = "inductor",
-             name: str = "dualize") -> tuple[str, DualityMap]:
+             dtype: torch.dtype | str | None = None, ns_method: str = "auto",
+             specs: Sequence[Spec] | None = None, compile_mode: str = "default",
+             backend: str | None = "inductor", name: str = "dualize") -> tuple[str, DualityMap]:
     """Source and callable of the duality map for `atoms` (gradients given by `specs`).
 
-    `dtype` forces the Newton–Schulz compute dtype (default bf16 on CUDA, fp32 on CPU).
+    `dtype` forces the Newton–Schulz compute dtype (default bf16 on CUDA, fp32 on CPU);
+    `ns_method` picks the direct or Gram form per group (`dual.use_gram`).
     """
     source = generate_source(atoms, specs=specs, orthogonalizer=orthogonalizer, ns_steps=ns_steps,
-                             coefficients=coefficients, dtype=dtype, name=name)
+                             coefficients=coefficients, dtype=dtype, ns_method=ns_method, name=name)
     return source, DualityMap(exec_source(source, name), source, compile_mode, backend)
 
 
@@ -328,15 +337,18 @@ def cache_key(atoms: Sequence[Atom], specs: Sequence[Spec], **options: Any) -> s
     return json.dumps([rows, opts], sort_keys=True, default=str)
 
 
-def flops(atoms: Sequence[Atom], ns_steps: int) -> float:
-    """Matmul FLOPs of one Newton–Schulz pass over the orthogonalized atoms (for rooflines)."""
+def flops(atoms: Sequence[Atom], ns_steps: int, specs: Sequence[Spec] | None = None,
+          dtype: torch.dtype | str | None = None, ns_method: str = "auto") -> float:
+    """Matmul FLOPs of one Newton–Schulz pass over the orthogonalized atoms (for rooflines),
+    counted for the form (direct or Gram) that the generated code uses."""
+    specs = list(specs) if specs is not None else [(a.dtype, "cpu") for a in atoms]
     total = 0.0
-    for a in atoms:
+    for a, (_, dev) in zip(atoms, specs):
         if a.dual != "orthogonalize":
             continue
         b, r, c = a.options["matrix"]
-        m, n = min(r, c), max(r, c)
-        total += b * ns_steps * (2 * m * m * n + 2 * m * m * m + 2 * m * m * n)
+        work = dual.compute_dtype(torch.device(dev), _dtype(str(dtype)) if dtype else None)
+        total += b * dual.ns_flops(r, c, ns_steps, dual.use_gram(r, c, work, ns_method))
     return total
 
 

@@ -41,6 +41,10 @@ POLAR_EXPRESS_SAFETY = 1.02
 SCHEDULES = ("quintic", "polar-express")
 ORTHOGONALIZERS = ("newton-schulz", "svd")
 DUALS = ("orthogonalize", "row_normalize", "sign", "rms_normalize")
+#: How the Newton–Schulz polynomial is evaluated: "direct" iterates on X (m×n); "gram"
+#: iterates on the m×m Gram matrix and touches X only twice; "auto" picks "gram" where it is
+#: both cheaper and as accurate (see `use_gram`).
+NS_METHODS = ("auto", "direct", "gram")
 
 
 def ns_schedule(coefficients: str | Sequence[Sequence[float]], steps: int) -> tuple[Coefficients, float]:
@@ -76,12 +80,76 @@ def compute_dtype(device: torch.device, dtype: torch.dtype | None = None) -> tor
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def use_gram(rows: int, cols: int, dtype: torch.dtype, method: str = "auto") -> bool:
+    """Whether to run Newton–Schulz in Gram form for (rows × cols) matrices in `dtype`.
+
+    With m = min, n = max, the direct form costs (2n/m + 1)·m³ multiply-adds per step; the
+    Gram form costs about 3.4·m³ per step plus 2n·m² once, so it wins from n ≥ 2m (1.6× fewer
+    FLOPs at n = 3m, 1.8× at 4m). It is used only in float32/float64 ("gram" in half precision
+    is an error): the Gram matrix is updated recursively (A ← P·A·P) instead of being
+    recomputed from X, and in bfloat16 that recursion drifts (σ_max of the result reached 1.67
+    with the quintic and 12.0 with Polar Express on a 768×3072 input of condition number 1e4,
+    against 1.20 and 1.14 for the direct form); in float32 the Gram form stays within 4e-4 of
+    the float64 iteration (spectral norm) there (benchmarks/ns_forms.py, docs/newton_schulz.md).
+    """
+    if method not in NS_METHODS:
+        raise ValueError(f"unknown ns_method {method!r}; use one of {NS_METHODS}")
+    wide = dtype in (torch.float32, torch.float64)
+    if method == "gram" and not wide:
+        raise ValueError(f"ns_method='gram' needs float32 or float64 compute, not {dtype}: in half precision "
+                         "the Gram recursion drifts (σ_max up to 12 where the direct form gives 1.14). Pass "
+                         "compute_dtype=torch.float32, or ns_method='auto' to use the Gram form only where it is safe")
+    if method != "auto":
+        return method == "gram"
+    m, n = sorted((rows, cols))
+    return wide and n >= 2 * m
+
+
+def direct_newton_schulz(y: torch.Tensor, coeffs: Coefficients, fused: bool) -> torch.Tensor:
+    """X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ, per step, on a (B, m, n) batch with m <= n."""
+    for a, b, c in coeffs:
+        gram = torch.bmm(y, y.mT)
+        if fused:  # cuBLAS folds the scaled add into the matmul epilogue
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b·A + c·A²
+            y = torch.baddbmm(y, poly, y, beta=a)  # a·X + (b·A + c·A²)·X
+        else:  # on some CPUs baddbmm takes a slow path in bf16 (2-5×); plain bmm never does
+            poly = b * gram + c * torch.bmm(gram, gram)
+            y = a * y + torch.bmm(poly, y)
+    return y
+
+
+def gram_newton_schulz(y: torch.Tensor, coeffs: Coefficients) -> torch.Tensor:
+    """The direct iteration X ← P(XXᵀ)·X, rewritten on the Gram matrix (B, m, n), m <= n.
+
+    Every P_k is a polynomial in A_k = X_k X_kᵀ, so X_k = Q_k X_0 with Q_k = P_k ⋯ P_1 and
+    A_{k+1} = P_k A_k P_k: the loop runs on m×m matrices and X is read twice (A_0, Q·X_0).
+    """
+    gram = torch.bmm(y, y.mT)
+    q = None
+    for k, (a, b, c) in enumerate(coeffs):
+        poly = b * gram + c * torch.bmm(gram, gram)
+        poly.diagonal(dim1=-2, dim2=-1).add_(a)  # P = a·I + b·A + c·A²
+        q = poly if q is None else torch.bmm(poly, q)
+        if k + 1 < len(coeffs):
+            gram = torch.bmm(torch.bmm(poly, gram), poly)
+    return torch.bmm(q, y)
+
+
+def ns_flops(rows: int, cols: int, steps: int, gram: bool) -> float:
+    """Matmul FLOPs of one Newton–Schulz pass over one (rows × cols) matrix."""
+    m, n = sorted((rows, cols))
+    if gram:  # A_0 and Q·X_0; per step A² and all but the first P·Q; all but the last P·A·P
+        return 2.0 * (2 * m * m * n + m**3 * (steps + (steps - 1) + 2 * (steps - 1)))
+    return 2.0 * steps * (2 * m * m * n + m**3)
+
+
 def newton_schulz(x: torch.Tensor, steps: int = 5, coefficients: str | Sequence = "quintic",
-                  dtype: torch.dtype | None = None, eps: float = 1e-7) -> torch.Tensor:
+                  dtype: torch.dtype | None = None, eps: float = 1e-7, method: str = "auto") -> torch.Tensor:
     """Approximate U Vᵀ of each matrix in a (..., m, n) batch by an odd polynomial iteration.
 
     Normalising by the Frobenius norm bounds σ_max by 1 so the iteration converges; the
-    iteration runs on the wide orientation so the Gram matrix is min(m, n)² (fewer FLOPs).
+    iteration runs on the wide orientation so the Gram matrix is min(m, n)² (fewer FLOPs),
+    and in Gram form (`method`, see `use_gram`) where that is cheaper still.
     """
     coeffs, safety = ns_schedule(coefficients, steps)
     out_dtype = x.dtype
@@ -91,17 +159,12 @@ def newton_schulz(x: torch.Tensor, steps: int = 5, coefficients: str | Sequence 
         y = y.mT
     batch_shape = y.shape[:-2]
     y = y.reshape(-1, *y.shape[-2:])
-    norm = torch.linalg.matrix_norm(y, keepdim=True, dtype=torch.float32)
+    norm = torch.linalg.matrix_norm(y, keepdim=True, dtype=torch.promote_types(y.dtype, torch.float32))
     y = y / (norm * safety + eps).to(y.dtype)
-    fused = y.device.type == "cuda"
-    for a, b, c in coeffs:
-        gram = torch.bmm(y, y.mT)
-        if fused:  # cuBLAS folds the scaled add into the matmul epilogue
-            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b·G + c·G²
-            y = torch.baddbmm(y, poly, y, beta=a)  # a·X + (b·G + c·G²)·X
-        else:  # on CPU baddbmm/addmm take a slow path (2-5× slower in bf16); plain bmm does not
-            poly = b * gram + c * torch.bmm(gram, gram)
-            y = a * y + torch.bmm(poly, y)
+    if use_gram(*y.shape[-2:], y.dtype, method):
+        y = gram_newton_schulz(y, coeffs)
+    else:
+        y = direct_newton_schulz(y, coeffs, fused=y.device.type == "cuda")
     y = y.reshape(*batch_shape, *y.shape[-2:])
     if tall:
         y = y.mT
@@ -122,12 +185,13 @@ def svd_orthogonalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def orthogonalize(x: torch.Tensor, orthogonalizer: str = "newton-schulz", steps: int = 5,
-                  coefficients: str | Sequence = "quintic", dtype: torch.dtype | None = None) -> torch.Tensor:
+                  coefficients: str | Sequence = "quintic", dtype: torch.dtype | None = None,
+                  method: str = "auto") -> torch.Tensor:
     """Dispatch on the orthogonalizer's name (see `ORTHOGONALIZERS`)."""
     if orthogonalizer == "svd":
         return svd_orthogonalize(x)
     if orthogonalizer == "newton-schulz":
-        return newton_schulz(x, steps, coefficients, dtype)
+        return newton_schulz(x, steps, coefficients, dtype, method=method)
     raise ValueError(f"unknown orthogonalizer {orthogonalizer!r}; use one of {ORTHOGONALIZERS}")
 
 
@@ -162,7 +226,8 @@ def rms_normalize(g: torch.Tensor) -> torch.Tensor:
 
 
 def dualize_atom(atom: Atom, grad: torch.Tensor, *, orthogonalizer: str = "svd", ns_steps: int = 5,
-                 coefficients: str | Sequence = "quintic", dtype: torch.dtype | None = None) -> torch.Tensor:
+                 coefficients: str | Sequence = "quintic", dtype: torch.dtype | None = None,
+                 ns_method: str = "auto") -> torch.Tensor:
     """The update for one atom: dual(grad) × budget, of norm `budget` in the atom's norm."""
     check_atom(atom)
     if tuple(grad.shape) != atom.shape:
@@ -170,7 +235,7 @@ def dualize_atom(atom: Atom, grad: torch.Tensor, *, orthogonalizer: str = "svd",
                          f"the atom's {atom.shape}; re-run analyze on this model")
     if atom.dual == "orthogonalize":
         m = as_matrices(grad, atom.options)
-        o = orthogonalize(m, orthogonalizer, ns_steps, coefficients, dtype)
+        o = orthogonalize(m, orthogonalizer, ns_steps, coefficients, dtype, ns_method)
         return from_matrices(o * matrix_scale(atom), atom.options, atom.shape)
     if atom.dual == "row_normalize":
         return row_normalize(grad) * atom.budget

@@ -40,7 +40,8 @@ class NormGraphOptimizer(torch.optim.Optimizer):
                  lr: float = 0.1, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
                  orthogonalizer: str = "newton-schulz", ns_steps: int = 5,
                  ns_coefficients: str | Sequence = "quintic", compute_dtype: torch.dtype | None = None,
-                 compile_mode: str = "default", backend: str | None = "inductor") -> None:
+                 ns_method: str = "auto", compile_mode: str = "default",
+                 backend: str | None = "inductor") -> None:
         if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0:
             raise ValueError(f"need lr >= 0, 0 <= momentum < 1, weight_decay >= 0; got lr={lr}, "
                              f"momentum={momentum}, weight_decay={weight_decay}")
@@ -48,9 +49,9 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         self.norm_graph = norm_graph
         self.map_options: dict[str, Any] = dict(
             orthogonalizer=orthogonalizer, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
-            compute_dtype=compute_dtype, compile_mode=compile_mode, backend=backend)
+            compute_dtype=compute_dtype, ns_method=ns_method, compile_mode=compile_mode, backend=backend)
         codegen.generate_source([], orthogonalizer=orthogonalizer, ns_steps=ns_steps,
-                                coefficients=ns_coefficients)  # validate options early
+                                coefficients=ns_coefficients, ns_method=ns_method)  # validate options early
         groups = [{"params": [p], "name": name} for name, p in _trainable(named, norm_graph)]
         if not groups:
             raise ValueError("no trainable parameter of the model has an atom in the norm graph; "
@@ -101,8 +102,8 @@ class NormGraphOptimizer(torch.optim.Optimizer):
             o = self.map_options
             _, fn = codegen.generate(atoms, specs=specs, orthogonalizer=o["orthogonalizer"],
                                      ns_steps=o["ns_steps"], coefficients=o["ns_coefficients"],
-                                     dtype=o["compute_dtype"], compile_mode=o["compile_mode"],
-                                     backend=o["backend"])
+                                     dtype=o["compute_dtype"], ns_method=o["ns_method"],
+                                     compile_mode=o["compile_mode"], backend=o["backend"])
             self._maps[key] = fn
         self._fast[fast] = self._maps[key]
         if len(indices) == len(self.param_groups):
@@ -203,13 +204,14 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
             lr: float = 0.1, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
             orthogonalizer: str = "newton-schulz", ns_steps: int = 5, ns_coefficients: str | Sequence = "quintic",
             annotations: NormGraph | str | os.PathLike | None = None, masses: dict[str, float] | None = None,
-            compute_dtype: torch.dtype | None = None, compile_mode: str = "default",
+            compute_dtype: torch.dtype | None = None, ns_method: str = "auto", compile_mode: str = "default",
             backend: str | None = "inductor", **analyze_kwargs: Any) -> NormGraphOptimizer:
     """Analyze `model` (or take `annotations`: a NormGraph or a JSON path, no tracing then)
     and build the optimizer around its generated duality map.
 
     `compile_mode="eager"` (or `backend=None`) skips torch.compile; if compiling fails the
-    map warns and runs eagerly. Unknown keyword arguments go to `normgraph.analyze`
+    map warns and runs eagerly. `ns_method` ("auto", "direct", "gram") picks how Newton–Schulz
+    is evaluated per matrix shape (see `normgraph.dual.use_gram`). Unknown keyword arguments go to `normgraph.analyze`
     (e.g. ``conv_mode="flatten"``).
     """
     if annotations is None:
@@ -225,4 +227,4 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
     return NormGraphOptimizer(model, norm_graph, lr=lr, momentum=momentum, nesterov=nesterov,
                               weight_decay=weight_decay, orthogonalizer=orthogonalizer, ns_steps=ns_steps,
                               ns_coefficients=ns_coefficients, compute_dtype=compute_dtype,
-                              compile_mode=compile_mode, backend=backend)
+                              ns_method=ns_method, compile_mode=compile_mode, backend=backend)

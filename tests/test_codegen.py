@@ -70,6 +70,26 @@ def test_source_is_readable_and_batches_same_shapes() -> None:
     assert "<normgraph-dualize-" in "".join(traceback.format_tb(info.value.__traceback__))
 
 
+def test_gram_form_is_chosen_per_group_and_agrees() -> None:
+    """auto: Gram form for the wide fp32 group (16×64: n = 4m), direct for the rest."""
+    ats = [linear("wide.weight", 16, 64), linear("tall.weight", 96, 32), linear("sq.weight", 24, 24)]
+    gs = grads(ats)
+    source, auto = codegen.generate(ats, compile_mode="eager")
+    assert source.count("gram_form=True") == 2 and "(16×64) float32 on cpu, Newton–Schulz on the matrices, Gram 16², iterated in Gram form" in source
+    assert "o2 = _newton_schulz(g2)" in source  # square: direct
+    direct_source, direct = codegen.generate(ats, ns_method="direct", compile_mode="eager")
+    assert "gram_form=True" not in direct_source
+    for u, v in zip(auto(gs), direct(gs)):
+        torch.testing.assert_close(u, v, atol=2e-5, rtol=0)
+    bf16_source, _ = codegen.generate(ats, dtype=torch.bfloat16, compile_mode="eager")
+    assert "gram_form=True" not in bf16_source  # auto never picks it in half precision
+    with pytest.raises(ValueError, match="ns_method='gram' needs float32"):
+        codegen.generate(ats, dtype=torch.bfloat16, ns_method="gram")
+    expected = sum(dual.ns_flops(*a.shape, 5, gram=g) for a, g in zip(ats, (True, True, False)))
+    assert codegen.flops(ats, 5) == expected
+    assert codegen.flops(ats, 5, ns_method="direct") == sum(dual.ns_flops(*a.shape, 5, False) for a in ats)
+
+
 def test_zero_gradients_give_zero_updates() -> None:
     ats = atoms()
     _, fn = codegen.generate(ats, compile_mode="eager")
@@ -118,6 +138,8 @@ def test_bad_options_raise_clear_errors() -> None:
         codegen.generate(atoms(), orthogonalizer="qr")
     with pytest.raises(ValueError, match="compile_mode"):
         codegen.generate(atoms(), compile_mode="fast")
+    with pytest.raises(ValueError, match="unknown ns_method 'fast'"):
+        codegen.generate(atoms(), ns_method="fast")
     with pytest.raises(ValueError, match="'w'.*unknown duality map"):
         codegen.generate([Atom("w", "x", (2,), dual="warp")])
 

@@ -68,6 +68,46 @@ def test_newton_schulz_tall_is_transpose_of_wide() -> None:
     torch.testing.assert_close(dual.newton_schulz(x), dual.newton_schulz(x.mT.contiguous()).mT)
 
 
+@pytest.mark.parametrize("schedule", dual.SCHEDULES)
+@pytest.mark.parametrize("shape", [(64, 256), (300, 64), (3, 48, 150), (2, 32, 32)])
+def test_gram_form_matches_direct_form_in_float32(schedule: str, shape: tuple[int, ...]) -> None:
+    """Same polynomial evaluated on the Gram matrix: on Gaussian inputs the two float32 forms
+    agree to rounding; on an ill-conditioned one both stay within 5e-3 (spectral norm) of the
+    float64 iteration, with the same top singular value."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(dual.newton_schulz(x, 5, schedule, method="gram"),
+                               dual.newton_schulz(x, 5, schedule, method="direct"), atol=5e-5, rtol=0)
+    ill = conditioned(2, 32, 96, 1e4)
+    ref = dual.newton_schulz(ill.double(), 5, schedule, dtype=torch.float64, method="direct")
+    for method in ("direct", "gram"):
+        out = dual.newton_schulz(ill, 5, schedule, method=method).double()
+        assert torch.linalg.matrix_norm(out - ref, 2).max() < 5e-3
+        torch.testing.assert_close(torch.linalg.svdvals(out)[:, 0], torch.linalg.svdvals(ref)[:, 0], atol=1e-3, rtol=0)
+
+
+def test_gram_form_refuses_half_precision() -> None:
+    with pytest.raises(ValueError, match="compute_dtype=torch.float32"):
+        dual.newton_schulz(torch.randn(8, 32), dtype=torch.bfloat16, method="gram")
+
+
+def test_use_gram_auto_rule_and_flops() -> None:
+    assert dual.use_gram(64, 128, torch.float32) and dual.use_gram(300, 64, torch.float64)
+    assert not dual.use_gram(64, 127, torch.float32)  # below n = 2m the direct form is as cheap
+    assert not dual.use_gram(64, 256, torch.bfloat16)  # the Gram recursion drifts in bf16
+    assert dual.use_gram(64, 64, torch.float32, "gram") and not dual.use_gram(64, 256, torch.float32, "direct")
+    with pytest.raises(ValueError, match="ns_method 'fast'"):
+        dual.use_gram(4, 8, torch.float32, "fast")
+    m, n, k = 768, 3072, 5  # hand count, in multiply-adds: direct k(2m²n + m³); Gram 2m²n + (4k−3)m³
+    assert dual.ns_flops(m, n, k, gram=False) == 2 * k * (2 * m * m * n + m**3)
+    assert dual.ns_flops(n, m, k, gram=True) == 2 * (2 * m * m * n + (4 * k - 3) * m**3)
+    assert dual.ns_flops(m, n, k, False) / dual.ns_flops(m, n, k, True) > 1.7
+
+
+@pytest.mark.parametrize("method", dual.NS_METHODS)
+def test_newton_schulz_maps_zero_to_zero_in_every_form(method: str) -> None:
+    assert torch.equal(dual.newton_schulz(torch.zeros(2, 4, 12), method=method), torch.zeros(2, 4, 12))
+
+
 @pytest.mark.parametrize("fn", [dual.newton_schulz, dual.svd_orthogonalize])
 def test_orthogonalizers_map_zero_to_zero(fn) -> None:
     out = fn(torch.zeros(2, 5, 3))

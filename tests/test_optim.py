@@ -89,10 +89,13 @@ def test_svd_update_has_norm_lr_times_budget_for_every_kind(lr: float) -> None:
     assert torch.equal(emb_delta[untouched], torch.zeros(len(untouched), 8, dtype=torch.float64))
 
 
-def test_newton_schulz_step_is_close_to_budget() -> None:
+@pytest.mark.parametrize("ns_method", ["auto", "direct", "gram"])
+def test_newton_schulz_step_is_close_to_budget(ns_method: str) -> None:
     torch.manual_seed(0)
     model, ng = Net(), norm_graph()
-    opt = NormGraphOptimizer(model, ng, lr=1.0, momentum=0.0, nesterov=False, ns_coefficients="polar-express", **EAGER)
+    opt = NormGraphOptimizer(model, ng, lr=1.0, momentum=0.0, nesterov=False, ns_coefficients="polar-express",
+                             ns_method=ns_method, **EAGER)
+    assert ("gram_form=True" in opt.source) == (ns_method != "direct")  # experts are 5×12: n >= 2m
     backward(model)
     before = snapshot(model)
     opt.step()
@@ -277,6 +280,13 @@ def test_compile_from_a_hand_edited_annotation_file(tmp_path) -> None:
     bigger = torch.nn.Sequential(torch.nn.Linear(6, 9, bias=False), torch.nn.ReLU(), torch.nn.Linear(9, 3, bias=False))
     with pytest.raises(ValueError, match=r"(?s)2 mismatches.*'0.weight': shape \[8, 6\].*'2.weight': shape"):
         normgraph.compile(bigger, annotations=str(path), compile_mode="eager")
+
+
+def test_bad_ns_method_fails_at_construction() -> None:
+    with pytest.raises(ValueError, match="unknown ns_method 'gramm'"):
+        NormGraphOptimizer(Net(), norm_graph(), ns_method="gramm", **EAGER)
+    with pytest.raises(ValueError, match="ns_method='gram' needs float32"):
+        NormGraphOptimizer(Net(), norm_graph(), ns_method="gram", compute_dtype=torch.bfloat16, **EAGER)
 
 
 def test_mismatched_annotations_raise_clear_errors() -> None:
