@@ -4,6 +4,7 @@ The digits ship inside scikit-learn (no download). Both optimizers start from th
 init and see the same minibatches; the conv kernels get normgraph's per-kernel-position
 orthogonalisation, the biases its RMS normalisation.
 
+    pip install -e ".[cnn]"                  # scikit-learn, the optional extra
     python examples/cnn.py                   # 300 steps each, a few seconds on CPU
     python examples/cnn.py --steps 3
 """
@@ -26,7 +27,11 @@ def make_net() -> nn.Sequential:
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Train/test split (first 1437 / last 360 images), pixels scaled to [0, 1]."""
-    from sklearn.datasets import load_digits as sk_digits
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError as err:
+        raise SystemExit("examples/cnn.py needs scikit-learn (its digits data set): "
+                         'pip install -e ".[cnn]"') from err
     d = sk_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(d.target, dtype=torch.long)

@@ -205,7 +205,8 @@ def check_atom(atom: Atom) -> None:
     """Raise a clear error if the atom cannot be dualised as it stands."""
     if atom.dual not in DUALS:
         raise ValueError(f"parameter {atom.name!r}: unknown duality map {atom.dual!r} (kind "
-                         f"{atom.kind!r}); use one of {DUALS} or register a rule for the kind")
+                         f"{atom.kind!r}); use one of {DUALS}, e.g. via "
+                         f"normgraph.register_kind({atom.kind!r}, dual=..., norm=..., mass=...)")
     if atom.dual == "orthogonalize" and "matrix" not in atom.options:
         raise ValueError(f"parameter {atom.name!r}: kind {atom.kind!r} is orthogonalized but its "
                          "atom has no matrix view; build options with layout.matrix_options(...)")

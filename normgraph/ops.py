@@ -1,7 +1,8 @@
 """Canonical names and arguments of fx nodes, so that one rule covers every spelling of an op.
 
-`F.linear`, `torch._C._nn.linear`, `aten.linear.default` and `x.linear(...)` all become
-"linear"; `operator.truediv` becomes "div"; an in-place `add_` becomes "add".
+`F.linear`, `torch._C._nn.linear` and `aten.linear.default` all become "linear";
+`operator.truediv` becomes "div"; an in-place `add_` becomes "add"; a call of an opaque
+parameter-free torch.nn layer (`nn.GELU()`) becomes its functional op ("gelu").
 """
 from __future__ import annotations
 
@@ -31,6 +32,23 @@ _ALIASES = {
     "lift_fresh_copy": "alias", "mT": "t", "mH": "t", "adjoint": "t", "numpy_mT": "t",
     "view_as": "view", "reshape_as": "reshape",
 }
+#: Parameter-free torch.nn layers, by class name, and the functional op each one calls: when
+#: the tracer keeps torch.nn layers opaque, their calls still get the functional op's rule.
+#: Layers whose slope depends on a constructor argument (LeakyReLU, ELU) are left out: their
+#: calls stay "module:…" and are reported as assumed, rather than guessed.
+NN_MODULE_OPS = {
+    "ReLU": "relu", "ReLU6": "relu6", "GELU": "gelu", "SiLU": "silu", "Sigmoid": "sigmoid",
+    "Tanh": "tanh", "Hardtanh": "hardtanh", "SELU": "selu", "CELU": "celu",
+    "Softplus": "softplus", "Identity": "identity",
+    "Dropout": "dropout", "Dropout1d": "dropout", "Dropout2d": "dropout", "Dropout3d": "dropout",
+    "AlphaDropout": "dropout", "Flatten": "flatten", "Unflatten": "unflatten",
+    "Softmax": "softmax", "LogSoftmax": "log_softmax",
+    "MaxPool1d": "max_pool1d", "MaxPool2d": "max_pool2d", "MaxPool3d": "max_pool3d",
+    "AvgPool1d": "avg_pool1d", "AvgPool2d": "avg_pool2d", "AvgPool3d": "avg_pool3d",
+    "AdaptiveAvgPool1d": "adaptive_avg_pool1d", "AdaptiveAvgPool2d": "adaptive_avg_pool2d",
+    "AdaptiveAvgPool3d": "adaptive_avg_pool3d", "AdaptiveMaxPool1d": "adaptive_max_pool1d",
+    "AdaptiveMaxPool2d": "adaptive_max_pool2d",
+}
 #: Tensor attributes that are ops (`W.T`, `W.mT`): symbolic_trace records them as getattr.
 _ATTRIBUTE_OPS = {"T": "numpy_T", "H": "numpy_T", "mT": "t", "mH": "t"}
 
@@ -57,7 +75,12 @@ def op_name(node: fx.Node, modules: dict[str, torch.nn.Module] | None = None) ->
         return _strip(str(node.target))
     if node.op == "call_module":
         mod = (modules or {}).get(str(node.target))
-        return f"module:{type(mod).__name__}" if mod is not None else f"module:{node.target}"
+        if mod is None:
+            return f"module:{node.target}"
+        cls = type(mod)
+        if cls.__module__.startswith("torch.nn.") and cls.__name__ in NN_MODULE_OPS:
+            return NN_MODULE_OPS[cls.__name__]
+        return f"module:{cls.__name__}"
     return node.op
 
 

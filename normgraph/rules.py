@@ -15,7 +15,9 @@ import torch
 import torch.fx as fx
 
 from . import ops
+from .dual import DUALS
 from .layout import matrix_options
+from .normgraph import DUAL_OF_KIND, NORM_OF_KIND
 
 # ---------------------------------------------------------------------------------------
 # Atoms
@@ -54,6 +56,23 @@ DEFAULT_MASS: dict[str, float] = {
     "linear": 1.0, "conv": 1.0, "embedding": 1.0, "expert": 1.0,
     "gain": 0.1, "bias": 0.1, "fallback": 0.1,
 }
+
+
+
+def register_kind(kind: str, *, dual: str, norm: str, mass: float) -> None:
+    """A new atom kind: the duality map that dualises it (one of `normgraph.dual.DUALS`), a
+    label for its norm (shown in the table and saved in annotations), and its default mass.
+
+    An atom rule may return any kind; without registration a kind gets the RMS norm's map
+    (`rms_normalize`), norm label "RMS" and mass 0.1, like a fallback. An "orthogonalize"
+    kind also needs a matrix view in its options (`matrix_spec` or `layout.matrix_options`).
+    """
+    if dual not in DUALS:
+        raise ValueError(f"register_kind({kind!r}): unknown duality map {dual!r}; use one of {DUALS}")
+    if not mass >= 0:
+        raise ValueError(f"register_kind({kind!r}): mass must be >= 0, got {mass}")
+    DUAL_OF_KIND[kind], NORM_OF_KIND[kind], DEFAULT_MASS[kind] = dual, norm, float(mass)
+
 
 #: Ops a parameter may flow through, unchanged in meaning, before its real consumer.
 PARAM_PASSTHROUGH = {
@@ -272,7 +291,9 @@ class BondInput:
     input: fx.Node
 
 
-BondRule = Union[float, Callable[[BondInput], float]]
+#: A number, or a function of the input returning a number, or None for "no bound known
+#: here" (then the op gets 1 and is listed as assumed, as an op without a rule is).
+BondRule = Union[float, Callable[[BondInput], Union[float, None]]]
 BOND_RULES: dict[str, BondRule] = {}
 
 
@@ -309,6 +330,45 @@ def _leaky(b: BondInput) -> float:
     return max(1.0, abs(float(slope))) if isinstance(slope, (int, float)) else 1.0
 
 
+def _elu(b: BondInput) -> float:
+    """elu: slope 1 for x > 0 and α·eˣ → α just below 0, so max(1, |α|)."""
+    alpha = ops.arg(b.args, "alpha", 1, 1.0)
+    return max(1.0, abs(float(alpha))) if isinstance(alpha, (int, float)) else 1.0
+
+
+#: selu(x) = λ·x (x > 0), λα·(eˣ − 1) (x ≤ 0): its largest slope is λα just below 0.
+SELU_SLOPE = 1.0507009873554805 * 1.6732632423543772
+
+
+def _cumulative_sum(b: BondInput) -> float | None:
+    """cumsum over n entries: the RMS→RMS norm (σ_max) of the n×n lower-triangular ones
+    matrix, 1 / (2·sin(π / (4n + 2))) ≈ (2n + 1)/π; 0 on integer data (position ids from a
+    mask); None (assumed) when the tracer recorded no shape."""
+    val = b.input.meta.get("val")
+    shape, dtype = getattr(val, "shape", None), getattr(val, "dtype", None)
+    if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
+        return 0.0
+    dim = ops.arg(b.args, "dim", 1)
+    if shape is None or not isinstance(dim, int):
+        return None
+    n = int(shape[dim]) if len(shape) else 1
+    return 1.0 / (2.0 * math.sin(math.pi / (4 * n + 2)))
+
+
+def _first_difference(b: BondInput) -> float | None:
+    """diff (n = 1): x[i+1] − x[i], n → n−1 entries; σ_max ≤ 2 and RMS→RMS adds √(n/(n−1)).
+    0 on integer data; None (assumed) when the tracer recorded no shape or n > 1."""
+    val = b.input.meta.get("val")
+    shape, dtype = getattr(val, "shape", None), getattr(val, "dtype", None)
+    if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
+        return 0.0
+    order, dim = ops.arg(b.args, "n", 1, 1), ops.arg(b.args, "dim", 2, -1)
+    if shape is None or order != 1 or not isinstance(dim, int) or int(shape[dim]) < 2:
+        return None
+    n = int(shape[dim])
+    return 2.0 * math.cos(math.pi / (2 * n)) * math.sqrt(n / (n - 1))
+
+
 def data_inputs(*names: Any) -> Callable[[BondInput], float]:
     """1 for the inputs named (the data), 0 for the rest (masks, indices, statistics, weights)."""
     def rule(b: BondInput) -> float:
@@ -318,7 +378,7 @@ def data_inputs(*names: Any) -> Callable[[BondInput], float]:
 
 
 for _op in ("add", "sub", "rsub", "neg", "relu", "relu6", "abs", "dropout", "identity", "tanh",
-            "hardtanh", "elu", "selu", "celu", "softplus", "clamp", "clamp_min", "clamp_max",
+            "hardtanh", "celu", "softplus", "clamp", "clamp_min", "clamp_max",
             "maximum", "minimum", "max_pool1d", "max_pool2d", "max_pool3d",
             "max_pool2d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d",
             "view", "reshape", "permute", "transpose", "t", "numpy_T", "getitem", "split",
@@ -338,14 +398,18 @@ register_bond_rule("mul", _scale)
 register_bond_rule("div", _divide)
 register_bond_rule("pow", _pow)
 register_bond_rule("leaky_relu", _leaky)
+register_bond_rule("elu", _elu)
+register_bond_rule("selu", SELU_SLOPE)
+register_bond_rule("cumsum", _cumulative_sum)
+register_bond_rule("diff", _first_difference)
 for _op in ("rsqrt", "sqrt", "var", "std", "var_mean", "norm", "reciprocal"):
     register_bond_rule(_op, 0.0)  # normalisation statistics: see docs/norms.md
 for _op in ("eq", "ne", "lt", "le", "gt", "ge", "and", "or", "logical_and", "logical_or",
             "logical_not", "bitwise_and", "bitwise_or", "bitwise_not", "isnan", "isinf",
-            "argmax", "argmin", "argsort", "histc", "cumsum", "floor_divide", "remainder",
+            "argmax", "argmin", "argsort", "histc", "floor_divide", "remainder",
             "_assert_tensor_metadata", "_assert_scalar", "sym_size", "sym_numel", "arange",
             "ones_like", "zeros_like", "full_like", "empty_like", "new_ones", "new_zeros",
-            "new_empty", "new_full", "scalar_tensor", "diff", "sym_constrain_range_for_size",
+            "new_empty", "new_full", "scalar_tensor", "sym_constrain_range_for_size",
             "size", "dim"):
     register_bond_rule(_op, 0.0)  # integer/boolean results: no path for a weight change
 for _op in ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm"):
@@ -363,9 +427,10 @@ register_bond_rule("grouped_mm", data_inputs("self", "mat_a", "input", 0, "mat_b
 def bond_sensitivity(b: BondInput) -> tuple[float, bool]:
     """(sensitivity, assumed?) of op `b.op` to input `b.input`."""
     rule = BOND_RULES.get(b.op)
-    if rule is None:
+    value = rule(b) if callable(rule) else rule
+    if value is None:
         return 1.0, True
-    return (float(rule(b)) if callable(rule) else float(rule)), False
+    return float(value), False
 
 
 # ---------------------------------------------------------------------------------------
@@ -410,7 +475,7 @@ def module_entry(mod: torch.nn.Module) -> ModuleEntry | None:
     return None
 
 
-def _detached_use(mod: torch.nn.Module, name: str, op: str, key: Any, conv_mode: str,
+def detached_use(mod: torch.nn.Module, name: str, op: str, key: Any, conv_mode: str,
                   args: dict | None = None) -> Use:
     """A use with no graph around it (module-level rules): no packed-split detection."""
     node = fx.Graph().placeholder("x")
@@ -418,14 +483,14 @@ def _detached_use(mod: torch.nn.Module, name: str, op: str, key: Any, conv_mode:
 
 
 def _module_linear(mod: torch.nn.Module, conv_mode: str) -> dict[str, AtomSpec]:
-    out = {"weight": matrix_spec(_detached_use(mod, "weight", "linear", "weight", conv_mode), "out_in")}
+    out = {"weight": matrix_spec(detached_use(mod, "weight", "linear", "weight", conv_mode), "out_in")}
     if getattr(mod, "bias", None) is not None:
         out["bias"] = AtomSpec("bias", note="linear bias")
     return out
 
 
 def _module_conv1d_hf(mod: torch.nn.Module, conv_mode: str) -> dict[str, AtomSpec]:
-    out = {"weight": matrix_spec(_detached_use(mod, "weight", "addmm", "mat2", conv_mode), "in_out")}
+    out = {"weight": matrix_spec(detached_use(mod, "weight", "addmm", "mat2", conv_mode), "in_out")}
     if getattr(mod, "bias", None) is not None:
         out["bias"] = AtomSpec("bias", note="linear bias")
     return out
@@ -438,7 +503,7 @@ def _module_embedding(mod: torch.nn.Module, conv_mode: str) -> dict[str, AtomSpe
 
 def _module_conv(mod: torch.nn.Module, conv_mode: str) -> dict[str, AtomSpec]:
     transposed = isinstance(mod, torch.nn.modules.conv._ConvTransposeNd)
-    use = _detached_use(mod, "weight", "conv_transpose2d" if transposed else "conv2d", "weight",
+    use = detached_use(mod, "weight", "conv_transpose2d" if transposed else "conv2d", "weight",
                         conv_mode, {"groups": mod.groups})
     out = {"weight": conv_spec(use, transposed)}
     if mod.bias is not None:
@@ -464,7 +529,7 @@ def _module_mha(mod: torch.nn.Module, conv_mode: str) -> dict[str, AtomSpec]:
                                          note="packed in-projection ×3")
     else:
         for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
-            out[n] = matrix_spec(_detached_use(mod, n, "linear", "weight", conv_mode), "out_in")
+            out[n] = matrix_spec(detached_use(mod, n, "linear", "weight", conv_mode), "out_in")
     if mod.in_proj_bias is not None:
         out["in_proj_bias"] = AtomSpec("bias", note="packed in-projection bias")
     for n in ("bias_k", "bias_v"):

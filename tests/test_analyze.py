@@ -329,6 +329,26 @@ def test_bond_rules_constants_and_activations():
     assert ng.atoms["a.weight"].downstream == pytest.approx(1.0998 / 2 * 3 * 0.25)
 
 
+@pytest.mark.parametrize("act, slope", [
+    (F.selu, 1.0507009873554805 * 1.6732632423543772),  # λα, the slope just below 0
+    (lambda x: F.elu(x, alpha=2.5), 2.5), (F.elu, 1.0), (F.celu, 1.0), (F.softplus, 1.0)])
+def test_exponential_unit_slopes(act, slope):
+    """Largest slope of each activation, checked numerically (autograd on a fine grid)."""
+    grid = torch.linspace(-12, 12, 240001, dtype=torch.float64, requires_grad=True)
+    act(grid).sum().backward()
+    assert grid.grad.abs().max().item() == pytest.approx(slope, rel=1e-3)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4, bias=False)
+
+        def forward(self, x):
+            return act(self.a(x))
+
+    assert normgraph.analyze(Net(), (torch.randn(2, 4),)).atoms["a.weight"].downstream == pytest.approx(slope)
+
+
 def test_custom_bond_rule_and_assumed_ops():
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -421,3 +441,73 @@ def test_op_without_atom_rule_falls_back_visibly_and_a_registered_rule_fixes_it(
         assert ng.atoms["log_scale"].kind == "gain" and not ng.diagnostics.fallbacks
     finally:
         ATOM_RULES.pop("exp")
+
+
+@pytest.mark.parametrize("op", ["cumsum", "diff"])
+def test_cumsum_and_diff_sensitivities_from_shapes(op: str) -> None:
+    """Shape known (torch.export): the RMS→RMS norm of the linear map along `dim` (n = 8),
+    checked against the spectral norm of its matrix. Shape unknown: assumed, and said so."""
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 8)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return torch.cumsum(h, dim=1) if op == "cumsum" else torch.diff(h, dim=-1)
+
+    eye = torch.eye(8, dtype=torch.float64)
+    matrix = torch.tril(torch.ones(8, 8, dtype=torch.float64)) if op == "cumsum" else torch.diff(eye, dim=0)
+    rms_to_rms = torch.linalg.matrix_norm(matrix, 2).item() * (matrix.shape[1] / matrix.shape[0]) ** 0.5
+    ng = normgraph.analyze(M(), (torch.randn(3, 4),))
+    assert ng.atoms["lin.weight"].downstream == pytest.approx(rms_to_rms, rel=1e-9)
+    assert not ng.diagnostics.assumed_ops
+    traced = normgraph.analyze(M())  # symbolic_trace: no shapes
+    assert traced.diagnostics.assumed_ops == {op: 1} and traced.atoms["lin.weight"].downstream == 1.0
+
+
+def test_opaque_torch_nn_activation_layers_get_their_functional_rules() -> None:
+    """When torch.nn layers stay opaque (the third tracing strategy), nn.GELU/nn.Sigmoid are
+    still gelu/sigmoid; LeakyReLU (slope set in its constructor) is reported as assumed."""
+    from normgraph import ops, trace
+    from normgraph.analyze import downstream
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 2),
+                          nn.LeakyReLU(2.0))
+    cap = trace._symbolic(model, trace.trainable_names(model), keep_torch_leaves=True)
+    names = [ops.op_name(n, cap.modules) for n in cap.graph.nodes if n.op == "call_module"]
+    assert names == ["module:Linear", "gelu", "module:Linear", "sigmoid", "module:Linear", "module:LeakyReLU"]
+    d, assumed = downstream(cap)
+    by_target = {str(n.target): d[n] for n in cap.graph.nodes if n.op == "call_module"}
+    assert by_target["0"] == pytest.approx(0.25 * 1.1289)  # Linear 0's output feeds GELU
+    assert assumed == {"module:LeakyReLU": 1}
+
+
+def test_register_kind_sets_dual_norm_and_mass() -> None:
+    from normgraph.normgraph import DUAL_OF_KIND, NORM_OF_KIND
+    from normgraph.rules import ATOM_RULES, DEFAULT_MASS, AtomSpec
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 8))
+            self.lin = nn.Linear(4, 4, bias=False)
+
+        def forward(self, x):
+            return self.lin(x @ torch.exp(self.w).T)
+
+    with pytest.raises(ValueError, match="unknown duality map 'warp'"):
+        normgraph.register_kind("posexp", dual="warp", norm="?", mass=1.0)
+    normgraph.register_atom_rule("exp", lambda use: AtomSpec("posexp", note="positive weights"))
+    normgraph.register_kind("posexp", dual="sign", norm="ℓ∞ (of log-weights)", mass=3.0)
+    try:
+        ng = normgraph.analyze(Scaled(), (torch.randn(2, 8),))
+        a = ng.atoms["w"]
+        assert (a.kind, a.dual, a.norm, a.mass) == ("posexp", "sign", "ℓ∞ (of log-weights)", 3.0)
+        assert ng.atoms["lin.weight"].mass == 1.0
+        opt = normgraph.compile(Scaled(), (torch.randn(2, 8),), compile_mode="eager")
+        assert "sign" in opt.source and "w" in opt.source
+    finally:
+        ATOM_RULES.pop("exp")
+        for table in (DUAL_OF_KIND, NORM_OF_KIND, DEFAULT_MASS):
+            table.pop("posexp")
