@@ -84,7 +84,7 @@ def use_gram(rows: int, cols: int, dtype: torch.dtype, method: str = "auto") -> 
     """Whether to run Newton–Schulz in Gram form for (rows × cols) matrices in `dtype`.
 
     With m = min, n = max, the direct form costs (2n/m + 1)·m³ multiply-adds per step; the
-    Gram form costs about 3.4·m³ per step plus 2n·m² once, so it wins from n ≥ 2m (1.6× fewer
+    Gram form costs about 3.4·m³ per step plus 2n·m² once, so it wins from n ≥ 2m (1.5× fewer
     FLOPs at n = 3m, 1.8× at 4m). It is used only in float32/float64 ("gram" in half precision
     is an error): the Gram matrix is updated recursively (A ← P·A·P) instead of being
     recomputed from X, and in bfloat16 that recursion drifts (σ_max of the result reached 1.67
@@ -94,15 +94,15 @@ def use_gram(rows: int, cols: int, dtype: torch.dtype, method: str = "auto") -> 
     """
     if method not in NS_METHODS:
         raise ValueError(f"unknown ns_method {method!r}; use one of {NS_METHODS}")
-    wide = dtype in (torch.float32, torch.float64)
-    if method == "gram" and not wide:
+    full_precision = dtype in (torch.float32, torch.float64)
+    if method == "gram" and not full_precision:
         raise ValueError(f"ns_method='gram' needs float32 or float64 compute, not {dtype}: in half precision "
                          "the Gram recursion drifts (σ_max up to 12 where the direct form gives 1.14). Pass "
                          "compute_dtype=torch.float32, or ns_method='auto' to use the Gram form only where it is safe")
     if method != "auto":
         return method == "gram"
     m, n = sorted((rows, cols))
-    return wide and n >= 2 * m
+    return full_precision and n >= 2 * m
 
 
 def direct_newton_schulz(y: torch.Tensor, coeffs: Coefficients, fused: bool) -> torch.Tensor:
