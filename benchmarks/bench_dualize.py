@@ -105,13 +105,13 @@ def main() -> None:
         rows.append((label.replace("map", "step()"), timeit(opt.step, device, repeats), flops))
 
     muon = torch.optim.Muon(params, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=args.steps)
-    rows.append(("torch.optim.Muon.step() (bfloat16, direct)", timeit(muon.step, device, repeats), direct_flops))
+    muon_t = timeit(muon.step, device, repeats)
+    rows.append(("torch.optim.Muon.step() (bfloat16, direct)", muon_t, direct_flops))
     work = dual.compute_dtype(device)
     rows.append((f"per-matrix NS loop ({work}, direct)".replace("torch.", ""),
                  timeit(lambda: [dual.newton_schulz(g, args.steps, method="direct") for g in grads], device, repeats),
                  direct_flops))
 
-    muon_t = rows[-2][1]
     roof = matmul_tflops(device, n=8192 if device.type == "cuda" else 2048)
     print("| contender | time (ms) | Muon.step() / this | matmul TFLOP/s | roofline fraction |")
     print("|---|---|---|---|---|")

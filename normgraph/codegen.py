@@ -34,6 +34,11 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _work_dtype(device: str, dtype: torch.dtype | str | None) -> torch.dtype:
+    """The Newton–Schulz compute dtype for gradients on `device` (`dtype` forces it)."""
+    return dual.compute_dtype(torch.device(device), _dtype(str(dtype)) if dtype else None)
+
+
 def spec_of(t: torch.Tensor) -> Spec:
     """The (dtype, device) pair that the generated code is specialised on."""
     return _dtype_name(t.dtype), str(t.device)
@@ -221,7 +226,7 @@ def generate_source(atoms: Sequence[Atom] | NormGraph | dict[str, Atom], *, spec
     if orthogonalizer not in dual.ORTHOGONALIZERS:
         raise ValueError(f"unknown orthogonalizer {orthogonalizer!r}; use one of {dual.ORTHOGONALIZERS}")
     coeffs, safety = dual.ns_schedule(coefficients, ns_steps)
-    dual.use_gram(1, 1, torch.float32, ns_method)  # validates the name
+    dual.check_ns_method(ns_method)
     groups = _groups(atoms, specs)
     ortho = [g for g in groups if g.dual == "orthogonalize"]
     label = (coefficients if isinstance(coefficients, str) else "explicit") + f", {ns_steps} steps"
@@ -237,7 +242,7 @@ def generate_source(atoms: Sequence[Atom] | NormGraph | dict[str, Atom], *, spec
         out.append("    return []")
     for gi, g in enumerate(groups):
         if g.dual == "orthogonalize":
-            work = dual.compute_dtype(torch.device(g.device), _dtype(str(dtype)) if dtype else None)
+            work = _work_dtype(g.device, dtype)
             _emit_orthogonalize(gi, g, orthogonalizer, work, ns_method, out)
         else:
             _emit_elementwise(gi, g, out)
@@ -347,7 +352,7 @@ def flops(atoms: Sequence[Atom], ns_steps: int, specs: Sequence[Spec] | None = N
         if a.dual != "orthogonalize":
             continue
         b, r, c = a.options["matrix"]
-        work = dual.compute_dtype(torch.device(dev), _dtype(str(dtype)) if dtype else None)
+        work = _work_dtype(dev, dtype)
         total += b * dual.ns_flops(r, c, ns_steps, dual.use_gram(r, c, work, ns_method))
     return total
 

@@ -80,6 +80,12 @@ def compute_dtype(device: torch.device, dtype: torch.dtype | None = None) -> tor
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def check_ns_method(method: str) -> None:
+    """Raise a clear error for a name that is not one of `NS_METHODS`."""
+    if method not in NS_METHODS:
+        raise ValueError(f"unknown ns_method {method!r}; use one of {NS_METHODS}")
+
+
 def use_gram(rows: int, cols: int, dtype: torch.dtype, method: str = "auto") -> bool:
     """Whether to run Newton–Schulz in Gram form for (rows × cols) matrices in `dtype`.
 
@@ -92,8 +98,7 @@ def use_gram(rows: int, cols: int, dtype: torch.dtype, method: str = "auto") -> 
     against 1.20 and 1.14 for the direct form); in float32 the Gram form stays within 4e-4 of
     the float64 iteration (spectral norm) there (benchmarks/ns_forms.py, docs/newton_schulz.md).
     """
-    if method not in NS_METHODS:
-        raise ValueError(f"unknown ns_method {method!r}; use one of {NS_METHODS}")
+    check_ns_method(method)
     full_precision = dtype in (torch.float32, torch.float64)
     if method == "gram" and not full_precision:
         raise ValueError(f"ns_method='gram' needs float32 or float64 compute, not {dtype}: in half precision "

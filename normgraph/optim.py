@@ -211,8 +211,8 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
 
     `compile_mode="eager"` (or `backend=None`) skips torch.compile; if compiling fails the
     map warns and runs eagerly. `ns_method` ("auto", "direct", "gram") picks how Newton–Schulz
-    is evaluated per matrix shape (see `normgraph.dual.use_gram`). Unknown keyword arguments go to `normgraph.analyze`
-    (e.g. ``conv_mode="flatten"``).
+    is evaluated per matrix shape (see `normgraph.dual.use_gram`). Unknown keyword arguments
+    go to `normgraph.analyze` (e.g. ``conv_mode="flatten"``).
     """
     if annotations is None:
         from .analyze import analyze

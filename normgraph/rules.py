@@ -58,7 +58,6 @@ DEFAULT_MASS: dict[str, float] = {
 }
 
 
-
 def register_kind(kind: str, *, dual: str, norm: str, mass: float) -> None:
     """A new atom kind: the duality map that dualises it (one of `normgraph.dual.DUALS`), a
     label for its norm (shown in the table and saved in annotations), and its default mass.
@@ -340,32 +339,39 @@ def _elu(b: BondInput) -> float:
 SELU_SLOPE = 1.0507009873554805 * 1.6732632423543772
 
 
+def _traced(b: BondInput) -> tuple[tuple[int, ...] | None, bool]:
+    """(shape, integer?) of the input as the tracer recorded it; (None, False) if unknown."""
+    val = b.input.meta.get("val")
+    dtype = getattr(val, "dtype", None)
+    integer = dtype is not None and not (dtype.is_floating_point or dtype.is_complex)
+    shape = getattr(val, "shape", None)
+    return (tuple(int(s) for s in shape) if shape is not None else None), integer
+
+
 def _cumulative_sum(b: BondInput) -> float | None:
     """cumsum over n entries: the RMS→RMS norm (σ_max) of the n×n lower-triangular ones
     matrix, 1 / (2·sin(π / (4n + 2))) ≈ (2n + 1)/π; 0 on integer data (position ids from a
     mask); None (assumed) when the tracer recorded no shape."""
-    val = b.input.meta.get("val")
-    shape, dtype = getattr(val, "shape", None), getattr(val, "dtype", None)
-    if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
+    shape, integer = _traced(b)
+    if integer:
         return 0.0
     dim = ops.arg(b.args, "dim", 1)
     if shape is None or not isinstance(dim, int):
         return None
-    n = int(shape[dim]) if len(shape) else 1
+    n = shape[dim] if shape else 1
     return 1.0 / (2.0 * math.sin(math.pi / (4 * n + 2)))
 
 
 def _first_difference(b: BondInput) -> float | None:
     """diff (n = 1): x[i+1] − x[i], n → n−1 entries; σ_max ≤ 2 and RMS→RMS adds √(n/(n−1)).
     0 on integer data; None (assumed) when the tracer recorded no shape or n > 1."""
-    val = b.input.meta.get("val")
-    shape, dtype = getattr(val, "shape", None), getattr(val, "dtype", None)
-    if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
+    shape, integer = _traced(b)
+    if integer:
         return 0.0
     order, dim = ops.arg(b.args, "n", 1, 1), ops.arg(b.args, "dim", 2, -1)
-    if shape is None or order != 1 or not isinstance(dim, int) or int(shape[dim]) < 2:
+    if shape is None or order != 1 or not isinstance(dim, int) or shape[dim] < 2:
         return None
-    n = int(shape[dim])
+    n = shape[dim]
     return 2.0 * math.cos(math.pi / (2 * n)) * math.sqrt(n / (n - 1))
 
 
@@ -476,7 +482,7 @@ def module_entry(mod: torch.nn.Module) -> ModuleEntry | None:
 
 
 def detached_use(mod: torch.nn.Module, name: str, op: str, key: Any, conv_mode: str,
-                  args: dict | None = None) -> Use:
+                 args: dict | None = None) -> Use:
     """A use with no graph around it (module-level rules): no packed-split detection."""
     node = fx.Graph().placeholder("x")
     return Use(node, op, key, args or {}, tuple(getattr(mod, name).shape), conv_mode=conv_mode)
@@ -504,7 +510,7 @@ def _module_embedding(mod: torch.nn.Module, conv_mode: str) -> dict[str, AtomSpe
 def _module_conv(mod: torch.nn.Module, conv_mode: str) -> dict[str, AtomSpec]:
     transposed = isinstance(mod, torch.nn.modules.conv._ConvTransposeNd)
     use = detached_use(mod, "weight", "conv_transpose2d" if transposed else "conv2d", "weight",
-                        conv_mode, {"groups": mod.groups})
+                       conv_mode, {"groups": mod.groups})
     out = {"weight": conv_spec(use, transposed)}
     if mod.bias is not None:
         out["bias"] = AtomSpec("bias", note="conv bias")
