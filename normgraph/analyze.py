@@ -20,9 +20,12 @@ import torch.fx as fx
 
 from . import ops
 from .normgraph import DUAL_OF_KIND, NORM_OF_KIND, Atom, Diagnostics, NormGraph
-from .rules import (ATOM_RULES, DEFAULT_MASS, PARAM_INDEX, PARAM_PASSTHROUGH, PARAM_TRANSPOSE,
+from .rules import (ATOM_RULES, DEFAULT_MASS, PARAM_INDEX, PARAM_METADATA, PARAM_PASSTHROUGH, PARAM_TRANSPOSE,
                     AtomSpec, BondInput, Use, bond_sensitivity, module_entry)
+from .scale import Scales, atom_gain, scaled_bond
 from .trace import Captured, capture
+
+SENSITIVITY_MODES = ("scale", "modula")
 
 FALLBACK_NOTE = "fallback: RMS norm of the whole tensor, dual = normalise to RMS 1"
 
@@ -31,7 +34,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             example_kwargs: Mapping[str, Any] | None = None,
             masses: Mapping[str, float] | None = None, *,
             kinds: Mapping[str, str] | None = None, frontend: str = "auto",
-            conv_mode: str = "positional", split_packed: bool = True) -> NormGraph:
+            conv_mode: str = "positional", split_packed: bool = True,
+            sensitivity: str = "scale") -> NormGraph:
     """Infer every trainable parameter's operator norm, mass, sensitivity and budget.
 
     Args:
@@ -46,9 +50,15 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         frontend: "auto", "export", "symbolic_trace" or "modules" (see `normgraph.trace`).
         conv_mode: "positional" (per kernel position, the paper's rule) or "flatten".
         split_packed: orthogonalize packed projections (QKV split after one matmul) per block.
+        sensitivity: "scale" (default): modula's worst-case path sum in the units the network
+            uses: activation scales propagated from well-normed atoms, normalisations undo
+            the growth of a residual stream (see `normgraph.scale`, docs/concepts.md).
+            "modula": modula's algebra exactly (every activation unit-sized), as before.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"normgraph.analyze expects a torch.nn.Module, got {type(model).__name__}")
+    if sensitivity not in SENSITIVITY_MODES:
+        raise ValueError(f"sensitivity={sensitivity!r}: expected one of {SENSITIVITY_MODES}")
     if conv_mode not in ("positional", "flatten"):
         raise ValueError(f"conv_mode={conv_mode!r}: expected 'positional' or 'flatten'")
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -72,14 +82,22 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             "(every downstream = 1). For the full analysis pass example_inputs "
             "(and example_kwargs) the model accepts.", stacklevel=2)
     else:
-        D, assumed = downstream(cap)
-        diag.assumed_ops = assumed
         uses = classify(cap, trainable, conv_mode, split_packed)
-        atoms = _graph_atoms(trainable, uses, D, kinds or {}, diag)
-        graph = _to_networkx(cap, D, uses)
+        scales = None
+        if sensitivity == "scale":
+            biases = {n for n, specs in uses.items()
+                      if (kinds or {}).get(n, specs[0][0].kind if specs else "") == "bias"}
+            live = _live(cap)
+            scales = Scales(cap.graph, live, cap.params, biases, cap.modules, rotary_joins(cap, live))
+        D, assumed = downstream(cap, scales)
+        diag.assumed_ops = assumed
+        atoms = _graph_atoms(trainable, uses, D, kinds or {}, diag, scales)
+        graph = _to_networkx(cap, D, uses, scales)
     _check_kinds(kinds or {}, trainable)
     apply_masses(atoms, masses or {})
     _budgets(atoms)
+    if cap.graph is not None:
+        _warn_spread(atoms, cap, D, scales, diag)
     for atom in atoms.values():
         if atom.name in graph:
             graph.nodes[atom.name].update(_atom_attrs(atom))
@@ -93,26 +111,42 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
 
 
 def _live(cap: Captured) -> set[fx.Node]:
-    """Nodes whose value depends on a model input or a trainable parameter."""
+    """Nodes whose value depends on a model input or a trainable parameter.
+
+    Shape and dtype reads (`x.shape`, `x.size(1)`, and the ints computed from them for a
+    `view`) carry no signal: with symbolic tracing they are nodes, but not live ones."""
     live: set[fx.Node] = set()
     for node in cap.graph.nodes:
         if node in cap.params or (node.op == "placeholder" and node not in cap.constants):
             live.add(node)
+        elif ops.op_name(node, cap.modules) in PARAM_METADATA:
+            continue
         elif any(i in live for i in node.all_input_nodes):
             live.add(node)
     return live
 
 
-def downstream(cap: Captured) -> tuple[dict[fx.Node, float], dict[str, int]]:
-    """D of every node (reverse path-sum), and the ops whose sensitivity had to be assumed."""
+def _bond(b: BondInput, scales: Scales | None) -> tuple[float, bool]:
+    return bond_sensitivity(b) if scales is None else scaled_bond(b, scales)
+
+
+def downstream(cap: Captured, scales: Scales | None = None) -> tuple[dict[fx.Node, float], dict[str, int]]:
+    """D of every node (reverse path-sum), and the ops whose sensitivity had to be assumed.
+
+    Without `scales` the bonds are modula's (every activation unit-sized); with them, the
+    "scale" mode's (see `normgraph.scale`)."""
     D: dict[fx.Node, float] = {n: 0.0 for n in cap.graph.nodes}
     for out in cap.outputs:
         D[out] += 1.0
     live = _live(cap)
+    rotations = rotary_joins(cap, live)
     assumed: dict[str, int] = {}
     for node in reversed(cap.graph.nodes):
         d = D[node]
         if d == 0.0 or node.op in ("placeholder", "get_attr", "output"):
+            continue
+        if node in rotations:  # a rotation of one activation: an isometry, one bond of 1
+            D[rotations[node]] += d
             continue
         op = ops.op_name(node, cap.modules)
         entry = module_entry(cap.modules[str(node.target)]) if node.op == "call_module" else None
@@ -125,12 +159,64 @@ def downstream(cap: Captured) -> tuple[dict[fx.Node, float], dict[str, int]]:
                 s, was_assumed = entry.sensitivity, False
             else:
                 args = args if args is not None else ops.arguments(node)
-                s, was_assumed = bond_sensitivity(BondInput(node, op, ops.key_of(args, inp), args, inp))
+                s, was_assumed = _bond(BondInput(node, op, ops.key_of(args, inp), args, inp), scales)
             if was_assumed and not counted:
                 assumed[op] = assumed.get(op, 0) + 1
                 counted = True
             D[inp] += s * d
     return D, assumed
+
+
+#: Ops that only rearrange or negate entries: a rotary embedding splits, negates and
+#: concatenates halves of one activation before weighting them by cos and sin.
+_REARRANGE = {"slice", "getitem", "narrow", "select", "split", "split_with_sizes", "chunk", "unbind",
+              "neg", "cat", "concat", "stack", "view", "reshape", "transpose", "permute", "contiguous",
+              "clone", "to", "unsqueeze", "squeeze", "flatten", "unflatten", "alias", "movedim", "expand"}
+
+
+def rotary_joins(cap: Captured, live: set[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """Sums `x·cos ± R(x)·sin` (rotary position embeddings) → the activation x they rotate.
+
+    Each input of the add/sub must be one activation x, moved by `_REARRANGE` ops only,
+    times a constant (not live) tensor. With cos² + sin² = 1 the sum is a rotation of x: its
+    sensitivity to x is 1 (modula's), where the path sum would count 2-4 paths of 1 each.
+    """
+    out: dict[fx.Node, fx.Node] = {}
+    for node in cap.graph.nodes:
+        if ops.op_name(node, cap.modules) not in ("add", "sub") or len(node.all_input_nodes) != 2:
+            continue
+        sources: set[fx.Node] = set()
+        for term in node.all_input_nodes:
+            src = _rotated_source(term, live, cap)
+            if src is None:
+                break
+            sources |= src
+        else:
+            if len(sources) == 1:
+                out[node] = next(iter(sources))
+    return out
+
+
+def _rotated_source(term: fx.Node, live: set[fx.Node], cap: Captured) -> set[fx.Node] | None:
+    """The live activations behind `term = rearranged(x) * constant`, or None if not that shape."""
+    if ops.op_name(term, cap.modules) != "mul" or term not in live:
+        return None
+    tensors = term.all_input_nodes
+    data = [t for t in tensors if t in live]
+    if len(tensors) != 2 or len(data) != 1:
+        return None
+    sources: set[fx.Node] = set()
+    stack = [data[0]]
+    while stack:
+        v = stack.pop()
+        if ops.op_name(v, cap.modules) in _REARRANGE and v.op != "placeholder":
+            inputs = [i for i in v.all_input_nodes if i in live]
+            if not inputs:
+                return None
+            stack.extend(inputs)
+        else:
+            sources.add(v)
+    return sources
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,7 +236,9 @@ def _uses_of(param: fx.Node, shape: tuple[int, ...], modules: dict[str, torch.nn
         for user in value.users:
             op = ops.op_name(user, modules)
             first = user.args[0] if user.args else None
-            if first is value and op in PARAM_PASSTHROUGH:
+            if op in PARAM_METADATA:
+                continue
+            if first is value and (op in PARAM_PASSTHROUGH or op == "_weight_norm" or _shifted(user, op, value)):
                 stack.append((user, transposed, indexed, odd))
             elif first is value and op in PARAM_TRANSPOSE:
                 swap = _swaps_last_two(user, op, len(shape) - (1 if indexed else 0))
@@ -164,6 +252,14 @@ def _uses_of(param: fx.Node, shape: tuple[int, ...], modules: dict[str, torch.nn
                                   indexed, conv_mode, split_packed), odd))
     found.sort(key=lambda u: _order(u[0].node))
     return found
+
+
+def _shifted(node: fx.Node, op: str, value: fx.Node) -> bool:
+    """`w + 1`, `1 - w`: a parameter shifted by a constant keeps its role (a gain `x·(1 + w)`)."""
+    if op not in ("add", "sub", "rsub"):
+        return False
+    others = [a for a in (*node.args, *node.kwargs.values()) if a is not value]
+    return bool(others) and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in others)
 
 
 def _order(node: fx.Node) -> int:
@@ -201,9 +297,10 @@ def _swaps_last_two(node: fx.Node, op: str, ndim: int) -> bool | None:
 
 
 def classify(cap: Captured, trainable: Mapping[str, torch.Tensor], conv_mode: str,
-             split_packed: bool) -> dict[str, list[tuple[AtomSpec, fx.Node]]]:
-    """Each parameter's (atom spec, consuming node) per use; an empty list if never reached."""
-    found: dict[str, list[tuple[AtomSpec, fx.Node]]] = {name: [] for name in trainable}
+             split_packed: bool) -> dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]]:
+    """Each parameter's (atom spec, consuming node, use) per use; an empty list if never
+    reached. The use is None inside an opaque module."""
+    found: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]] = {name: [] for name in trainable}
     for node, name in cap.params.items():
         shape = tuple(trainable[name].shape)
         for use, odd in _uses_of(node, shape, cap.modules, conv_mode, split_packed):
@@ -217,7 +314,7 @@ def classify(cap: Captured, trainable: Mapping[str, torch.Tensor], conv_mode: st
                 else:
                     why = f"used by {use.op} (node {use.node.name}) as argument {use.key!r}, which its rule does not cover"
                 spec = AtomSpec("fallback", note=why)
-            found[name].append((spec, use.node))
+            found[name].append((spec, use.node, use))
     for node in cap.graph.nodes:  # opaque (leaf) modules own their parameters' rules
         if node.op != "call_module":
             continue
@@ -229,25 +326,28 @@ def classify(cap: Captured, trainable: Mapping[str, torch.Tensor], conv_mode: st
             if name in found:
                 spec = specs.get(local) or AtomSpec(
                     "fallback", note=f"inside opaque module {type(mod).__name__}, which has no rule for it")
-                found[name].append((spec, node))
+                found[name].append((spec, node, None))
     return found
 
 
-def _choose(name: str, specs: list[tuple[AtomSpec, fx.Node]], override: str | None) -> AtomSpec:
+def _choose(name: str, specs: list[tuple[AtomSpec, fx.Node, Use | None]], override: str | None) -> AtomSpec:
     """The spec a (possibly shared) parameter takes: the override's kind, else its first use's."""
     if override is None:
         return specs[0][0]
-    for spec, _ in specs:
+    for spec, _, _ in specs:
         if spec.kind == override:
             return spec
     if override in ("gain", "bias", "fallback", "embedding"):
         return AtomSpec(override, note=f"kind set by the user ({override})")
     raise ValueError(f"kinds[{name!r}] = {override!r}, but no use of {name} is a {override} "
-                     f"(its uses: {', '.join(f'{s.kind} in {n.name}' for s, n in specs)})")
+                     f"(its uses: {', '.join(f'{s.kind} in {n.name}' for s, n, _ in specs)})")
 
 
-def _graph_atoms(trainable: Mapping[str, torch.Tensor], uses: dict[str, list[tuple[AtomSpec, fx.Node]]],
-                 D: dict[fx.Node, float], kinds: Mapping[str, str], diag: Diagnostics) -> dict[str, Atom]:
+def _graph_atoms(trainable: Mapping[str, torch.Tensor],
+                 uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]], D: dict[fx.Node, float],
+                 kinds: Mapping[str, str], diag: Diagnostics, scales: Scales | None = None) -> dict[str, Atom]:
+    """One atom per parameter; its downstream is the sum over its uses of D(use's output),
+    each times (in the "scale" mode) the scale of what the parameter multiplies there."""
     atoms: dict[str, Atom] = {}
     for name, p in trainable.items():
         specs = uses[name]
@@ -256,10 +356,11 @@ def _graph_atoms(trainable: Mapping[str, torch.Tensor], uses: dict[str, list[tup
             diag.fallbacks[name] = "never reached by the captured graph; " + FALLBACK_NOTE
             continue
         spec = _choose(name, specs, kinds.get(name))
-        d = sum(D[n] for _, n in specs)
-        nodes = [n.name for _, n in specs]
+        d = sum(D[n] * (atom_gain(u, spec.kind, scales) if scales is not None and u is not None else 1.0)
+                for _, n, u in specs)
+        nodes = [n.name for _, n, _ in specs]
         if len(specs) > 1:
-            diag.tied[name] = [f"{s.kind} ({n.name})" for s, n in specs]
+            diag.tied[name] = [f"{s.kind} ({n.name})" for s, n, _ in specs]
             spec = AtomSpec(spec.kind, spec.fan_in, spec.fan_out, spec.options,
                             f"{spec.note}; shared by {len(specs)} ops: norm of the "
                             f"{'first use' if name not in kinds else 'kind set in kinds='}, D summed")
@@ -349,6 +450,58 @@ def _budgets(atoms: dict[str, Atom]) -> None:
         a.budget = a.mass / total / a.downstream
 
 
+#: Largest/smallest budget among matrix and embedding atoms above which analysis warns. At a
+#: ratio of 1e4 the smallest atom moves 1e-4 as far as the largest per step: with lr set for
+#: the largest it takes ~10⁴ steps to move it by its own norm, i.e. it is frozen in practice.
+SPREAD_WARNING = 1e4
+
+
+def _warn_spread(atoms: dict[str, Atom], cap: Captured, D: dict[fx.Node, float],
+                 scales: Scales | None, diag: Diagnostics) -> None:
+    """Warn (and note in diagnostics) when budgets span more than `SPREAD_WARNING`, naming
+    the ops along the smallest atom's path to the output that amplify its downstream most."""
+    weights = [a for a in atoms.values() if a.kind in ("linear", "conv", "expert", "embedding") and a.budget > 0]
+    if len(weights) < 2:
+        return
+    lo = min(weights, key=lambda a: a.budget)
+    hi = max(weights, key=lambda a: a.budget)
+    if hi.budget / lo.budget <= SPREAD_WARNING:
+        return
+    by_name = {n.name: n for n in cap.graph.nodes}
+    start = by_name.get(lo.uses[0]) if lo.uses else None
+    steps = _amplifying_path(start, cap, D, scales) if start is not None else []
+    where = (" Along its path to the output the downstream grows most at: " + ", ".join(steps)
+             if steps else "")
+    msg = (f"budgets span {hi.budget / lo.budget:.3g}× ({lo.name} {lo.budget:.3g} vs {hi.name} "
+           f"{hi.budget:.3g}): {lo.name} will barely move.{where}. If the model scales its residual "
+           "branches by hand, check sensitivity= (\"scale\" reads plain x + f(x) streams); set "
+           "masses= to rebalance.")
+    diag.notes.append("warning: " + msg)
+    warnings.warn("normgraph: " + msg, stacklevel=3)
+
+
+def _amplifying_path(start: fx.Node, cap: Captured, D: dict[fx.Node, float],
+                     scales: Scales | None, limit: int = 6) -> list[str]:
+    """Follow the largest contribution to D from `start` to the output; name the ops where
+    D drops most going forward (i.e. where the backward path sum multiplies)."""
+    node, seen, gains = start, set(), []
+    while node is not None and node.op != "output" and node not in seen:
+        seen.add(node)
+        best, best_c = None, 0.0
+        for user in node.users:
+            if user.op == "output":
+                continue
+            args = ops.arguments(user)
+            s, _ = _bond(BondInput(user, ops.op_name(user, cap.modules), ops.key_of(args, node), args, node), scales)
+            if s * D[user] > best_c:
+                best, best_c = user, s * D[user]
+        if best is not None and D[best] > 0 and D[node] / D[best] > 1.5:
+            gains.append((D[node] / D[best], f"{best.name} ({ops.op_name(best, cap.modules)}, ×{D[node] / D[best]:.2g})"))
+        node = best
+    gains.sort(key=lambda g: -g[0])
+    return [g[1] for g in gains[:limit]]
+
+
 # ---------------------------------------------------------------------------------------
 # The networkx view
 
@@ -360,7 +513,8 @@ def _atom_attrs(atom: Atom) -> dict[str, Any]:
 
 
 def _to_networkx(cap: Captured, D: dict[fx.Node, float],
-                 uses: dict[str, list[tuple[AtomSpec, fx.Node]]]) -> nx.DiGraph:
+                 uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
+                 scales: Scales | None = None) -> nx.DiGraph:
     """Ops that carry activations (D > 0), edges labelled with sensitivities, atoms → their ops."""
     g = nx.DiGraph()
     keep = {n for n in cap.graph.nodes if D[n] > 0 and n not in cap.params and n.op != "get_attr"}
@@ -373,11 +527,11 @@ def _to_networkx(cap: Captured, D: dict[fx.Node, float],
         args = ops.arguments(n) if entry is None else {}
         for key, inp in ops.tensor_inputs(n):
             if inp in keep:
-                s = entry.sensitivity if entry is not None else bond_sensitivity(
-                    BondInput(n, g.nodes[n.name]["op"], ops.key_of(args, inp), args, inp))[0]
+                s = entry.sensitivity if entry is not None else _bond(
+                    BondInput(n, g.nodes[n.name]["op"], ops.key_of(args, inp), args, inp), scales)[0]
                 g.add_edge(inp.name, n.name, sensitivity=s)
     for name, specs in uses.items():
-        for _, node in specs:
+        for _, node, _ in specs:
             if node.name not in g:
                 g.add_node(node.name, type="op", op=ops.op_name(node, cap.modules), downstream=D[node])
             g.add_edge(name, node.name)

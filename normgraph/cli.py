@@ -167,7 +167,7 @@ def norm_graph_for(args: argparse.Namespace) -> tuple[Any, Any, tuple[Any, ...] 
     if inputs is not None:
         check_inputs(model, inputs, args.model)
     try:
-        ng = analyze(model, inputs, masses=parse_masses(args.masses))
+        ng = analyze(model, inputs, masses=parse_masses(args.masses), sensitivity=args.sensitivity)
     except CLIError:
         raise
     except Exception as e:
@@ -232,6 +232,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-dtype", action="append", default=[], choices=("float", "long"),
                    help="dtype of the example inputs: once for all, or once per --input-shape "
                         "(long: token ids below the smallest nn.Embedding size)")
+    p.add_argument("--sensitivity", choices=("scale", "modula"), default="scale",
+                   help="sensitivity mode (default: scale; modula: modula's algebra exactly)")
     p.add_argument("--masses", action="append", default=[], metavar="NAME=M,...",
                    help="masses by module-name prefix, e.g. blocks=5,head=1")
 

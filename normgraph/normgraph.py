@@ -124,8 +124,22 @@ class NormGraph:
         lines += [fmt.format(*r) for r in rows[1:]]
         return "\n".join(lines)
 
+    def summary(self) -> str:
+        """One line: atoms by kind, the budget range, and how many ops had to be assumed."""
+        kinds: dict[str, int] = {}
+        for a in self.atoms.values():
+            kinds[a.kind] = kinds.get(a.kind, 0) + 1
+        by_kind = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
+        budgets = [a.budget for a in self.atoms.values() if a.budget > 0]
+        assumed = sum(self.diagnostics.assumed_ops.values())
+        line = f"{len(self.atoms)} atoms ({by_kind})"
+        if budgets:
+            lo, hi = min(budgets), max(budgets)
+            line += f"; budgets {lo:.3g} … {hi:.3g} (smallest/largest {lo / hi:.3g})"
+        return line + f"; {assumed} op(s) with assumed sensitivity"
+
     def __str__(self) -> str:
-        return "\n".join([self.table(), "", f"total mass: {self.total_mass:.4g}",
+        return "\n".join([self.summary(), "", self.table(), "", f"total mass: {self.total_mass:.4g}",
                           *self.diagnostics.lines()])
 
     def __repr__(self) -> str:

@@ -205,20 +205,24 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
             orthogonalizer: str = "newton-schulz", ns_steps: int = 5, ns_coefficients: str | Sequence = "quintic",
             annotations: NormGraph | str | os.PathLike | None = None, masses: dict[str, float] | None = None,
             compute_dtype: torch.dtype | None = None, ns_method: str = "auto", compile_mode: str = "default",
-            backend: str | None = "inductor", **analyze_kwargs: Any) -> NormGraphOptimizer:
+            backend: str | None = "inductor", sensitivity: str = "scale",
+            **analyze_kwargs: Any) -> NormGraphOptimizer:
     """Analyze `model` (or take `annotations`: a NormGraph or a JSON path, no tracing then)
     and build the optimizer around its generated duality map.
 
     `compile_mode="eager"` (or `backend=None`) skips torch.compile; if compiling fails the
     map warns and runs eagerly. `ns_method` ("auto", "direct", "gram") picks how Newton–Schulz
     is evaluated per matrix shape (see `normgraph.dual.use_gram`). Unknown keyword arguments
-    go to `normgraph.analyze` (e.g. ``conv_mode="flatten"``).
+    go to `normgraph.analyze` (e.g. ``conv_mode="flatten"``), and so does `sensitivity`
+    ("scale", the default, or "modula": see `normgraph.analyze`).
     """
     if annotations is None:
         from .analyze import analyze
-        norm_graph = analyze(model, example_inputs, example_kwargs, masses=masses, **analyze_kwargs)
+        norm_graph = analyze(model, example_inputs, example_kwargs, masses=masses, sensitivity=sensitivity,
+                             **analyze_kwargs)
     else:
-        if masses is not None or analyze_kwargs or example_inputs is not None or example_kwargs is not None:
+        if (masses is not None or analyze_kwargs or example_inputs is not None or example_kwargs is not None
+                or sensitivity != "scale"):
             warnings.warn("normgraph.compile: annotations given, so example inputs, masses and analyze "
                           "options are ignored (nothing is traced)", UserWarning, stacklevel=2)
         from .annotations import check_against, load

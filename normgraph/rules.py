@@ -80,7 +80,10 @@ PARAM_PASSTHROUGH = {
     "squeeze", "expand_as",
 }
 PARAM_TRANSPOSE = {"t", "numpy_T", "transpose", "permute", "swapaxes", "movedim"}
-PARAM_INDEX = {"getitem", "select", "index"}
+PARAM_INDEX = {"getitem", "select", "index", "slice", "narrow", "index_select"}
+#: Uses of a parameter that read only its metadata (a dtype check, a shape): not uses.
+PARAM_METADATA = {"_assert_tensor_metadata", "_assert_scalar", "size", "sym_size", "sym_numel",
+                  "dim", "numel", "getattr"}
 
 ATOM_RULES: dict[str, AtomRule] = {}
 
@@ -245,7 +248,17 @@ def _norm_affine(use: Use) -> AtomSpec | None:
 
 
 def _additive(use: Use) -> AtomSpec | None:
+    if use.indexed and len(use.shape) == 2:
+        return AtomSpec("embedding", fan_in=use.shape[0], fan_out=use.shape[1],
+                        note=f"table read by indexing or slicing, added to an activation ({use.op})")
     return AtomSpec("bias", note=f"added to an activation ({use.op})")
+
+
+def _weight_normalised(use: Use) -> AtomSpec | None:
+    """`_weight_norm(v, g, dim)`: v flows on to the conv/linear (a passthrough), g is a gain."""
+    if use.key in ("g", 1):
+        return AtomSpec("gain", note="weight-norm magnitude g")
+    return None
 
 
 def _multiplicative(use: Use) -> AtomSpec | None:
@@ -274,6 +287,7 @@ for _op in ("mul", "div"):
     register_atom_rule(_op, _multiplicative)
 for _op in ("cat", "concat", "concatenate"):
     register_atom_rule(_op, _concatenated)
+register_atom_rule("_weight_norm", _weight_normalised)
 
 # ---------------------------------------------------------------------------------------
 # Bonds: sensitivity of an op's output to each of its inputs
@@ -375,6 +389,25 @@ def _first_difference(b: BondInput) -> float | None:
     return 2.0 * math.cos(math.pi / (2 * n)) * math.sqrt(n / (n - 1))
 
 
+def _summed(b: BondInput) -> float | None:
+    """sum over n entries per output entry: |Σ xᵢ| ≤ n·RMS(x), so n (numel in / numel out,
+    from traced shapes); None (assumed) without them."""
+    src, out = ops.shape_of(b.input), ops.shape_of(b.node)
+    if src is None or out is None:
+        return None
+    n_in, n_out = math.prod(src), max(1, math.prod(out))
+    return float(n_in) / n_out
+
+
+def _exponential(b: BondInput) -> float | None:
+    """exp: its slope is its value, bounded by exp(max x); known only when the input is a
+    parameter (a learned temperature, `logit_scale.exp()`); else None (assumed)."""
+    value = b.input.meta.get("_normgraph_value")
+    if isinstance(value, torch.Tensor) and value.numel() and value.is_floating_point():
+        return float(value.detach().float().max().exp())
+    return None
+
+
 def data_inputs(*names: Any) -> Callable[[BondInput], float]:
     """1 for the inputs named (the data), 0 for the rest (masks, indices, statistics, weights)."""
     def rule(b: BondInput) -> float:
@@ -389,24 +422,37 @@ for _op in ("add", "sub", "rsub", "neg", "relu", "relu6", "abs", "dropout", "ide
             "max_pool2d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d",
             "view", "reshape", "permute", "transpose", "t", "numpy_T", "getitem", "split",
             "split_with_sizes", "chunk", "unbind", "cat", "concat", "stack", "flatten", "unflatten",
-            "pad", "expand", "expand_as", "contiguous", "clone", "to", "type", "type_as", "float", "half",
+            "pad", "expand", "contiguous", "clone", "type", "float", "half",
             "bfloat16", "detach", "squeeze", "unsqueeze", "slice", "select", "narrow", "repeat",
-            "roll", "alias", "movedim", "swapaxes", "mean", "avg_pool1d", "avg_pool2d",
+            "roll", "alias", "movedim", "swapaxes", "mean", "upsample_nearest1d", "upsample_nearest2d",
+            "upsample_nearest3d", "upsample_bilinear2d", "upsample_linear1d", "upsample_trilinear3d",
+            "upsample_bicubic2d", "interpolate", "_upsample_nearest_exact2d", "pixel_shuffle", "avg_pool1d", "avg_pool2d",
             "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
             "softmax", "log_softmax", "sort", "topk", "output", "matmul", "mm", "bmm", "baddbmm",
             "addmm", "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
             "conv_transpose2d", "conv_transpose3d", "convolution"):
     register_bond_rule(_op, 1.0)
+for _op in ("to", "type_as", "expand_as", "view", "reshape"):
+    # the second argument (`x.type_as(w)`, `x.expand_as(y)`, `x.to(other)`, a size list)
+    # carries only a dtype, device or shape: no path for a change
+    register_bond_rule(_op, data_inputs("self", "input", 0))
 register_bond_rule("gelu", 1.1289)
 register_bond_rule("silu", 1.0998)
 register_bond_rule("sigmoid", 0.25)
 register_bond_rule("mul", _scale)
 register_bond_rule("div", _divide)
 register_bond_rule("pow", _pow)
+register_bond_rule("square", 2.0)  # = pow(x, 2) at |x| = 1
 register_bond_rule("leaky_relu", _leaky)
 register_bond_rule("elu", _elu)
 register_bond_rule("selu", SELU_SLOPE)
 register_bond_rule("cumsum", _cumulative_sum)
+register_bond_rule("sum", _summed)
+register_bond_rule("exp", _exponential)
+register_bond_rule("_weight_norm", 0.0)  # builds a weight from v and g: the atoms count at the conv
+for _op in ("cross_entropy", "cross_entropy_loss", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss",
+            "binary_cross_entropy_with_logits", "kl_div"):
+    register_bond_rule(_op, data_inputs("input", "self", 0))  # 1 to the prediction, 0 to targets
 register_bond_rule("diff", _first_difference)
 for _op in ("rsqrt", "sqrt", "var", "std", "var_mean", "norm", "reciprocal"):
     register_bond_rule(_op, 0.0)  # normalisation statistics: see docs/norms.md
@@ -415,7 +461,7 @@ for _op in ("eq", "ne", "lt", "le", "gt", "ge", "and", "or", "logical_and", "log
             "argmax", "argmin", "argsort", "histc", "floor_divide", "remainder",
             "_assert_tensor_metadata", "_assert_scalar", "sym_size", "sym_numel", "arange",
             "ones_like", "zeros_like", "full_like", "empty_like", "new_ones", "new_zeros",
-            "new_empty", "new_full", "scalar_tensor", "sym_constrain_range_for_size",
+            "new_empty", "new_full", "new_tensor", "scalar_tensor", "sym_constrain_range_for_size",
             "size", "dim"):
     register_bond_rule(_op, 0.0)  # integer/boolean results: no path for a weight change
 for _op in ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm"):

@@ -83,6 +83,27 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], names: 
     return cap
 
 
+def _export_any_mode(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], names: dict[int, str],
+                     notes: list[str]) -> Captured:
+    """Export in the model's own mode; if that fails in train mode (train-time randomness such as
+    LayerDrop's data-dependent branch), retry in eval mode and restore the mode. The graph is
+    the same but for dropout and layer skipping, which the analysis reads as identities."""
+    try:
+        return _export(model, args, kwargs, names)
+    except Exception as first:  # noqa: BLE001 - reported if the retry fails too
+        if not model.training:
+            raise
+        model.eval()
+        try:
+            cap = _export(model, args, kwargs, names)
+        except Exception:  # noqa: BLE001
+            raise first from None
+        finally:
+            model.train()
+        notes.append(f"exported in eval mode: in train mode torch.export failed ({_short(first, 160)})")
+        return cap
+
+
 class _Tracer(fx.Tracer):
     """Traces through every module but those whose rule asks to stay opaque."""
 
@@ -163,7 +184,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple | None = None,
     for strategy in order[frontend]:
         try:
             if strategy == "export":
-                cap = _export(model, args, kwargs, names)
+                cap = _export_any_mode(model, args, kwargs, names, notes)
             else:
                 cap = _symbolic(model, names, keep_torch_leaves=strategy == "symbolic_trace_leaves")
         except Exception as e:  # noqa: BLE001 - every failure is reported, none is silent

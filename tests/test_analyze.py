@@ -139,7 +139,7 @@ def parallel(*ms: M) -> M:
 def test_tiny_gpt_budgets_match_modula_algebra():
     L, masses = 2, {"emb": 2.0, "blocks": 5.0, "head": 1.0}
     model = TinyGPT(L=L)
-    ng = normgraph.analyze(model, (torch.randint(0, 32, (2, 8)),), masses=masses)
+    ng = normgraph.analyze(model, (torch.randint(0, 32, (2, 8)),), masses=masses, sensitivity="modula")
 
     # Masses after tare: each key's total split in proportion to own masses (linear 1, gain 0.1);
     # ln_f's gain is under no key and keeps its default 0.1.
@@ -324,8 +324,12 @@ def test_bond_rules_constants_and_activations():
             h = torch.sigmoid(self.a(x)) * 3.0
             return F.silu(self.b(h)) / 2.0
 
-    ng = normgraph.analyze(Net(), (torch.randn(2, 4),))
+    ng = normgraph.analyze(Net(), (torch.randn(2, 4),), sensitivity="modula")
     assert ng.atoms["b.weight"].downstream == pytest.approx(1.0998 / 2)
+    assert ng.atoms["a.weight"].downstream == pytest.approx(1.0998 / 2 * 3 * 0.25)
+    # "scale" mode: b multiplies sigmoid(·)·3, whose scale is 3 (sigmoid's output is ≤ 1)
+    ng = normgraph.analyze(Net(), (torch.randn(2, 4),))
+    assert ng.atoms["b.weight"].downstream == pytest.approx(1.0998 / 2 * 3)
     assert ng.atoms["a.weight"].downstream == pytest.approx(1.0998 / 2 * 3 * 0.25)
 
 
@@ -408,8 +412,9 @@ def test_bad_inputs_give_clear_errors():
 def test_table_graph_and_dot():
     ng = normgraph.analyze(ResidualMLP(2), (torch.randn(2, 8),))
     text = str(ng)
-    header = text.splitlines()[0].split()
-    assert header == ["parameter", "kind", "shape", "norm", "mass", "downstream", "budget"]
+    summary, blank, header = text.splitlines()[:3]
+    assert summary.startswith("6 atoms (linear 6); budgets ") and "0 op(s) with assumed" in summary
+    assert header.split() == ["parameter", "kind", "shape", "norm", "mass", "downstream", "budget"]
     assert "front end: torch.export" in text
     g = ng.graph
     assert g.nodes["f1.0.weight"]["type"] == "atom"

@@ -91,7 +91,8 @@ def test_inspect_file_factory(workdir):
     proc = run(workdir, "inspect", "tinymodels.py:build_model", "--input-shape", "2,5",
                "--input-dtype", "long")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[0].split()[:3] == ["parameter", "kind", "shape"]
+    assert " atoms (" in proc.stdout.splitlines()[0]  # the one-line summary
+    assert proc.stdout.splitlines()[2].split()[:3] == ["parameter", "kind", "shape"]
     for name in ("emb.weight", "blocks.0.weight", "blocks.2.bias", "head.weight", "total mass"):
         assert name in proc.stdout
 

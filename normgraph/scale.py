@@ -1,0 +1,340 @@
+"""The default sensitivity mode ("scale"): modula's algebra read in the units the network uses.
+
+modula's algebra assumes every module is *well-normed*: its output has norm ≤ 1 when its
+input does. `(1 − 1/L)·x + f(x)/L` keeps that promise; the plain `x + f(x)` of GPT-2,
+Llama and BERT does not, so a worst-case path sum that treats every activation as unit-
+sized doubles at each block and freezes the early layers (budgets 1e-14 … 1e-2).
+
+This mode keeps the worst-case path sum and changes one assumption: each activation has
+a *scale* S(v), an upper bound on its RMS propagated forward through the graph from
+well-normed atoms (a weight, a gain or an embedding row has norm 1, so a linear map keeps
+its input's scale and an embedding lookup has scale 1):
+
+* `a + b` has scale S(a) + S(b) (a residual stream grows by the branch's scale per block);
+* a normalisation (LayerNorm, RMSNorm, `x·rsqrt(mean(x²))`, `x / ‖x‖`) outputs scale 1 and
+  has sensitivity S(out)/S(in) to its input: it undoes the growth it sees;
+* a product of two activations (gating, `q @ kᵀ`) has sensitivity S(other operand) to each.
+
+Downstream D is then an honest bound in the network's own units, and an atom's
+`downstream` is D(its op's output) × the scale of what it multiplies (its op's input),
+so budget = mass share / downstream sizes each step by the change it makes where its
+output lands. On modula-shaped networks every scale is 1 and this mode agrees with
+`sensitivity="modula"`; the derivation and the measurements that chose it are in
+docs/concepts.md.
+
+Everything here is data: `SCALE_RULES` (op → output scale) and `SCALED_BOND_RULES`
+(op → sensitivity in this mode), extended with `register_scale_rule`. An op with no entry
+keeps its modula bond rule and the largest scale among its live inputs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import torch.fx as fx
+
+from . import ops
+from .rules import BondInput, Use, bond_sensitivity
+
+#: Output scale of an op: rule(node, args, S) with S(x) the scale of any argument.
+ScaleRule = Callable[[fx.Node, dict, Callable[[Any], float]], float]
+#: Sensitivity of an op to one input in this mode: rule(b, S) -> float, or None (assumed).
+ScaledBondRule = Callable[[BondInput, Callable[[Any], float]], "float | None"]
+
+SCALE_RULES: dict[str, ScaleRule] = {}
+SCALED_BOND_RULES: dict[str, ScaledBondRule] = {}
+
+NORMALISATIONS = ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")
+
+
+def register_scale_rule(op: str, *, scale: ScaleRule | None = None,
+                        bond: ScaledBondRule | None = None) -> None:
+    """How canonical op `op` scales its output (`scale`) and how sensitive it is to each input
+    (`bond`) in the default "scale" mode. Either may be omitted (see the module docstring)."""
+    if scale is not None:
+        SCALE_RULES[op] = scale
+    if bond is not None:
+        SCALED_BOND_RULES[op] = bond
+
+
+# ---------------------------------------------------------------------------------------
+# Propagation
+
+
+class Scales:
+    """S(v) for every node of a captured graph, propagated forward once.
+
+    Inputs that are floating-point data have scale 1, integer inputs (token ids) 0,
+    trainable parameters 1 (well-normed), except biases, which shift rather than scale and
+    count 0 in a sum; constants (buffers, masks, RoPE tables) are not activations: they
+    count 1 as factors and 0 as summands.
+    """
+
+    def __init__(self, graph: fx.Graph, live: set[fx.Node], params: Mapping[fx.Node, str],
+                 biases: set[str], modules: Mapping[str, Any],
+                 rotations: Mapping[fx.Node, fx.Node] | None = None) -> None:
+        self.live = live
+        self.modules = modules
+        self.value: dict[fx.Node, float] = {}
+        rotations = rotations or {}
+        for node in graph.nodes:
+            if node in rotations:  # a rotation keeps its input's scale
+                self.value[node] = self.value.get(rotations[node], 1.0)
+            else:
+                self.value[node] = self._compute(node, params, biases)
+
+    def __call__(self, x: Any) -> float:
+        """Scale of an argument: a node's scale, |c| for a number, 1 for anything else."""
+        if isinstance(x, fx.Node):
+            return self.value.get(x, 1.0)
+        if isinstance(x, (int, float)) and not isinstance(x, bool):
+            return abs(float(x))
+        return 1.0
+
+    def summand(self, x: Any) -> float:
+        """What `x` adds to a sum's scale: live activations only (not masks, not numbers)."""
+        return self.value.get(x, 0.0) if isinstance(x, fx.Node) and x in self.live else 0.0
+
+    def _compute(self, node: fx.Node, params: Mapping[fx.Node, str], biases: set[str]) -> float:
+        if node in params:
+            return 0.0 if params[node] in biases else 1.0
+        if node.op in ("placeholder", "get_attr"):
+            return 0.0 if _integer(node) else 1.0
+        if node.op == "output" or node not in self.live:
+            return 1.0
+        if _integer(node):
+            return 0.0
+        op = ops.op_name(node, self.modules)
+        rule = SCALE_RULES.get(op)
+        if rule is not None:
+            return float(rule(node, ops.arguments(node), self))
+        inputs = [self.value.get(i, 1.0) for _, i in ops.tensor_inputs(node) if i in self.live]
+        return max(inputs, default=1.0)
+
+
+def _integer(node: fx.Node) -> bool:
+    val = node.meta.get("val", node.meta.get("example_value"))
+    dtype = getattr(val, "dtype", None)
+    return dtype is not None and not (dtype.is_floating_point or dtype.is_complex)
+
+
+def scaled_bond(b: BondInput, S: Scales) -> tuple[float, bool]:
+    """(sensitivity, assumed?) of `b.op` to `b.input` in the "scale" mode."""
+    rule = SCALED_BOND_RULES.get(b.op)
+    if rule is None:
+        return bond_sensitivity(b)
+    value = rule(b, S)
+    return (1.0, True) if value is None else (float(value), False)
+
+
+def atom_gain(use: Use, kind: str, S: Scales) -> float:
+    """How far a unit step of an atom (in its own norm) moves its op's output: the scale of
+    what the parameter multiplies. Embedding rows, biases and normalisation gains act on
+    unit-scale quantities (1); a weight or an elementwise gain multiplies its op's data."""
+    if kind in ("embedding", "bias", "fallback") or use.op in NORMALISATIONS:
+        return 1.0
+    gain = 1.0
+    for key, inp in use.args.items():
+        if not isinstance(inp, fx.Node) or key == use.key or _is_bias_key(use.op, key):
+            continue
+        if inp in S.live and not _integer(inp):
+            gain *= S(inp)
+    return gain
+
+
+def _is_bias_key(op: str, key: Any) -> bool:
+    """The additive operand of a matrix op (`linear(x, W, bias)`, `addmm(bias, a, b)`)."""
+    return key == "bias" or (op in ("addmm", "baddbmm") and key in ("input", "self", 0))
+
+
+# ---------------------------------------------------------------------------------------
+# Output scales
+
+
+def _sum_of_inputs(node: fx.Node, args: dict, S: Scales) -> float:
+    total = sum(S.summand(i) for _, i in ops.tensor_inputs(node))
+    return total if total > 0 else max((S(i) for _, i in ops.tensor_inputs(node)), default=1.0)
+
+
+def _product(node: fx.Node, args: dict, S: Scales) -> float:
+    out = 1.0
+    for v in args.values():
+        if isinstance(v, fx.Node) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
+            out *= S(v)
+    return out
+
+
+def _quotient(node: fx.Node, args: dict, S: Scales) -> float:
+    num, den = ops.arg(args, "input", 0, ops.arg(args, "self", 0)), ops.arg(args, "other", 1)
+    d = S(den)
+    return S(num) / d if d > 0 else S(num)
+
+
+def _power(node: fx.Node, args: dict, S: Scales) -> float:
+    x, p = ops.arg(args, "input", 0, ops.arg(args, "self", 0)), ops.arg(args, "exponent", 1, 2.0)
+    if isinstance(p, (int, float)) and S(x) > 0:
+        return S(x) ** float(p)
+    return S(x)
+
+
+def _square(node: fx.Node, args: dict, S: Scales) -> float:
+    return S(ops.arg(args, "input", 0, ops.arg(args, "self", 0))) ** 2
+
+
+def _first(args: dict) -> Any:
+    for key in ("input", "self", 0):
+        if key in args:
+            return args[key]
+    return None
+
+
+def _exponent(p: float) -> ScaleRule:
+    def rule(node: fx.Node, args: dict, S: Scales) -> float:
+        s = S(_first(args))
+        return s ** p if s > 0 else 1.0
+    return rule
+
+
+def _unit(node: fx.Node, args: dict, S: Scales) -> float:
+    return 1.0
+
+
+def _vector_norm(node: fx.Node, args: dict, S: Scales) -> float:
+    """‖x‖₂ over n entries of RMS S is S·√n."""
+    return S(_first(args)) * math.sqrt(_reduced(node))
+
+
+def _summed(node: fx.Node, args: dict, S: Scales) -> float:
+    return S(_first(args)) * _reduced(node)
+
+
+def _reduced(node: fx.Node) -> float:
+    """How many entries each output entry gathers (numel in / numel out, from traced shapes)."""
+    src = node.args[0] if node.args else None
+    a, b = ops.shape_of(src), ops.shape_of(node)
+    if a is None or b is None:
+        return 1.0
+    n_in, n_out = math.prod(a), math.prod(b)
+    return n_in / n_out if n_out > 0 and n_in >= n_out else 1.0
+
+
+def _matrix_product(node: fx.Node, args: dict, S: Scales) -> float:
+    """Linear maps and products of activations: the product of the operands' scales."""
+    out, op = 1.0, ops.op_name(node)
+    for key, inp in args.items():
+        if isinstance(inp, fx.Node) and not _is_bias_key(op, key) and not _integer(inp):
+            out *= S(inp)
+    return out
+
+
+def _attention(node: fx.Node, args: dict, S: Scales) -> float:
+    return S(ops.arg(args, "value", 2))
+
+
+for _op in ("add", "sub", "rsub"):
+    register_scale_rule(_op, scale=_sum_of_inputs)
+register_scale_rule("mul", scale=_product)
+register_scale_rule("div", scale=_quotient)
+register_scale_rule("pow", scale=_power)
+register_scale_rule("square", scale=_square)
+register_scale_rule("sqrt", scale=_exponent(0.5))
+register_scale_rule("rsqrt", scale=_exponent(-0.5))
+register_scale_rule("reciprocal", scale=_exponent(-1.0))
+register_scale_rule("var", scale=_exponent(2.0))
+register_scale_rule("norm", scale=_vector_norm)
+register_scale_rule("sum", scale=_summed)
+for _op in (*NORMALISATIONS, "softmax", "sigmoid", "embedding"):
+    register_scale_rule(_op, scale=_unit)
+register_scale_rule("tanh", scale=lambda n, a, S: min(1.0, S(_first(a))))
+for _op in ("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "conv1d", "conv2d", "conv3d",
+            "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution", "einsum"):
+    register_scale_rule(_op, scale=_matrix_product)
+register_scale_rule("scaled_dot_product_attention", scale=_attention)
+
+
+# ---------------------------------------------------------------------------------------
+# Sensitivities in this mode
+
+
+def _others(b: BondInput, S: Scales, skip: tuple = ()) -> float:
+    """Product of the scales of every other operand (numbers by |c|, constants by 1)."""
+    out = 1.0
+    for k, v in b.args.items():
+        if v is b.input or k in skip:
+            continue
+        if isinstance(v, fx.Node):
+            out *= 1.0 if _integer(v) else S(v)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out *= abs(float(v))
+    return out
+
+
+def _mul_bond(b: BondInput, S: Scales) -> float:
+    return _others(b, S)
+
+
+def _div_bond(b: BondInput, S: Scales) -> float:
+    den = ops.arg(b.args, "other", 1)
+    if b.input is den:
+        return 0.0  # a normalisation statistic (see docs/norms.md)
+    d = S(den)
+    return 1.0 / d if d > 0 else 1.0
+
+
+def _pow_bond(b: BondInput, S: Scales) -> float:
+    p = ops.arg(b.args, "exponent", 1, 2.0)
+    if not isinstance(p, (int, float)):
+        return 1.0
+    s = S(b.input)
+    return abs(float(p)) * (s ** (float(p) - 1) if s > 0 else 1.0)
+
+
+def _square_bond(b: BondInput, S: Scales) -> float:
+    return 2.0 * S(b.input)
+
+
+def _normalisation_bond(b: BondInput, S: Scales) -> float:
+    if b.key not in ("input", 0):
+        return 0.0
+    s = S(b.input)
+    return 1.0 / s if s > 0 else 1.0
+
+
+def _matrix_bond(b: BondInput, S: Scales) -> float:
+    """Sensitivity to one operand of a product: the product of the others' scales (a
+    weight counts 1, well-normed); 1 to an additive bias."""
+    if _is_bias_key(b.op, b.key):
+        return 1.0
+    out = 1.0
+    for k, v in b.args.items():
+        if isinstance(v, fx.Node) and v is not b.input and not _is_bias_key(b.op, k) and not _integer(v):
+            out *= S(v)
+    return out
+
+
+def _attention_bond(b: BondInput, S: Scales) -> float:
+    """q, k and v count 1/3 each: attention as one well-normed module of sensitivity 1 (a
+    convex combination of values), not three. q and k enter in relative terms."""
+    if b.key in ("value", 2):
+        return 1.0 / 3.0
+    if b.key in ("query", "key", 0, 1):
+        s = S(b.input)
+        return S(ops.arg(b.args, "value", 2)) / (3.0 * s) if s > 0 else 1.0 / 3.0
+    return 0.0  # masks
+
+
+def _summed_bond(b: BondInput, S: Scales) -> float:
+    return _reduced(b.node)
+
+
+register_scale_rule("mul", bond=_mul_bond)
+register_scale_rule("div", bond=_div_bond)
+register_scale_rule("pow", bond=_pow_bond)
+register_scale_rule("square", bond=_square_bond)
+register_scale_rule("sum", bond=_summed_bond)
+for _op in NORMALISATIONS:
+    register_scale_rule(_op, bond=_normalisation_bond)
+for _op in ("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "conv1d", "conv2d", "conv3d",
+            "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution"):
+    register_scale_rule(_op, bond=_matrix_bond)
+register_scale_rule("scaled_dot_product_attention", bond=_attention_bond)

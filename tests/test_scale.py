@@ -1,0 +1,248 @@
+"""The default "scale" sensitivity mode (issue 10) and the rule fixes found on real models."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import normgraph
+
+from test_analyze import ResidualMLP
+
+
+class PreNorm(nn.Module):
+    """x0 = emb(ids); x_{l+1} = x_l + W2·relu(W1·LN(x_l)); logits = head(LN(x_L)): plain residuals."""
+
+    def __init__(self, L: int = 1, d: int = 8, vocab: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.ln = nn.ModuleList(nn.LayerNorm(d, bias=False) for _ in range(L))
+        self.w1 = nn.ModuleList(nn.Linear(d, 2 * d, bias=False) for _ in range(L))
+        self.w2 = nn.ModuleList(nn.Linear(2 * d, d, bias=False) for _ in range(L))
+        self.ln_f = nn.LayerNorm(d, bias=False)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        for ln, w1, w2 in zip(self.ln, self.w1, self.w2):
+            x = x + w2(torch.relu(w1(ln(x))))
+        return self.head(self.ln_f(x))
+
+
+IDS = (torch.randint(0, 16, (2, 5)),)
+
+
+def test_prenorm_budgets_by_hand():
+    """Scales: S(x0) = 1, the branch adds 1, so S(x1) = 2 and ln_f has sensitivity 1/2.
+    D(x1) = 1/2 = D(w2 out) = D(w1 out) = D(ln.0 out); D(x0) = 1/2 (skip) + 1/2 · 1/S(x0) = 1."""
+    ng = normgraph.analyze(PreNorm(), IDS)
+    down = {n: a.downstream for n, a in ng.atoms.items()}
+    assert down == pytest.approx({"emb.weight": 1.0, "ln.0.weight": 0.5, "w1.0.weight": 0.5,
+                                  "w2.0.weight": 0.5, "ln_f.weight": 1.0, "head.weight": 1.0})
+    total = 4 * 1.0 + 2 * 0.1
+    for name, atom in ng.atoms.items():
+        assert atom.budget == pytest.approx(atom.mass / total / down[name]), name
+    # modula's algebra reads every activation as unit-sized: D(x0) = 1 + 1 = 2
+    modula = normgraph.analyze(PreNorm(), IDS, sensitivity="modula")
+    assert modula.atoms["emb.weight"].downstream == pytest.approx(2.0)
+    assert modula.atoms["w2.0.weight"].downstream == pytest.approx(1.0)
+
+
+def test_plain_residual_depth_is_polynomial_not_exponential():
+    """Budgets of a 16-block plain residual stack stay within ~L of each other ("scale"); with
+    modula's algebra they halve per block (the issue's failure)."""
+    L = 16
+    scale = normgraph.analyze(PreNorm(L), IDS)
+    b = [a.budget for n, a in scale.atoms.items() if a.kind in ("linear", "embedding")]
+    assert max(b) / min(b) < 2 * (L + 1)
+    with pytest.warns(UserWarning, match="budgets span"):
+        modula = normgraph.analyze(PreNorm(L), IDS, sensitivity="modula")
+    m = [a.budget for n, a in modula.atoms.items() if a.kind in ("linear", "embedding")]
+    assert max(m) / min(m) >= 2 ** (L - 1)
+    assert any("grows most at" in note for note in modula.diagnostics.notes)
+
+
+@pytest.mark.parametrize("L", [1, 4])
+def test_scale_mode_equals_modula_on_convex_residuals(L):
+    """On a modula-shaped network every scale is 1: the two modes agree exactly."""
+    x = (torch.randn(2, 8),)
+    a = normgraph.analyze(ResidualMLP(L), x)
+    b = normgraph.analyze(ResidualMLP(L), x, sensitivity="modula")
+    for name in a.atoms:
+        assert a.atoms[name].budget == pytest.approx(b.atoms[name].budget, rel=1e-12), name
+
+
+def test_post_norm_is_not_exponential():
+    class PostNorm(PreNorm):
+        def forward(self, ids):
+            x = self.emb(ids)
+            for ln, w1, w2 in zip(self.ln, self.w1, self.w2):
+                x = ln(x + w2(torch.relu(w1(x))))
+            return self.head(x)
+
+    ng = normgraph.analyze(PostNorm(12), IDS)
+    b = [a.budget for a in ng.atoms.values() if a.kind in ("linear", "embedding")]
+    assert max(b) / min(b) < 10  # each block: (1 + 1) / S(x + f) = 1
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="sensitivity='worst'"):
+        normgraph.analyze(PreNorm(), IDS, sensitivity="worst")
+
+
+def test_compile_takes_the_mode():
+    opt = normgraph.compile(PreNorm(), IDS, compile_mode="eager", sensitivity="modula")
+    assert opt.norm_graph.atoms["emb.weight"].downstream == pytest.approx(2.0)
+
+
+# --- rules found wrong on real models ------------------------------------------------------
+
+class Cast(nn.Module):
+    """Llama's RMSNorm ends in `weight * x.to(dtype)`; `type_as`/`expand_as` read only metadata."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4, bias=False)
+        self.g = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.g.type_as(h) * h + torch.zeros(1).expand_as(h).type_as(h)
+
+
+@pytest.mark.parametrize("mode", ["scale", "modula"])
+def test_metadata_arguments_carry_no_signal(mode):
+    ng = normgraph.analyze(Cast(), (torch.randn(2, 4),), sensitivity=mode)
+    assert ng.atoms["a.weight"].downstream == pytest.approx(1.0)  # not 2 (h read for its dtype)
+    assert ng.atoms["g"].kind == "gain"
+    assert not ng.diagnostics.assumed_ops and not ng.diagnostics.fallbacks
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    def __init__(self, d: int = 8, T: int = 5) -> None:
+        super().__init__()
+        self.q = nn.Linear(d, d, bias=False)
+        angle = torch.arange(T)[:, None] * torch.ones(d // 2)
+        self.register_buffer("cos", torch.cat([angle.cos()] * 2, -1))
+        self.register_buffer("sin", torch.cat([angle.sin()] * 2, -1))
+
+    def forward(self, x):
+        q = self.q(x)
+        return q * self.cos + rotate_half(q) * self.sin
+
+
+@pytest.mark.parametrize("mode", ["scale", "modula"])
+def test_rotary_embedding_is_an_isometry(mode):
+    model = Rotary()
+    x = torch.randn(2, 5, 8)
+    ng = normgraph.analyze(model, (x,), sensitivity=mode)
+    assert ng.atoms["q.weight"].downstream == pytest.approx(1.0)  # the path sum said 3
+    # and it is one: the rotation preserves each position's norm
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).norm(dim=-1), model.q(x).norm(dim=-1))
+
+
+def test_square_sum_and_loss_rules():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+
+        def forward(self, x, y):
+            return F.cross_entropy(self.a(x).square() + self.b(x).pow(2), y), self.a(x).sum(-1)
+
+    ng = normgraph.analyze(Net(), (torch.randn(3, 4), torch.tensor([0, 1, 2])), sensitivity="modula")
+    assert not ng.diagnostics.assumed_ops
+    # square and pow(·, 2) agree (2 each); sum over 4 entries: 4; cross_entropy: 1
+    assert ng.atoms["b.weight"].downstream == pytest.approx(2.0)
+    assert ng.atoms["a.weight"].downstream == pytest.approx(2.0 + 4.0)
+
+
+def test_shifted_gain_position_slice_and_metadata_use():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(16, 4))
+            self.gain = nn.Parameter(torch.zeros(4))
+            self.router = nn.Parameter(torch.randn(3, 4))
+
+        def forward(self, x):
+            h = x + self.pos[: x.shape[1]]
+            h = h * (1 + self.gain)
+            return h @ self.router.type(torch.float32).t()
+
+    ng = normgraph.analyze(Net(), (torch.randn(2, 5, 4),))
+    kinds = {n: a.kind for n, a in ng.atoms.items()}
+    assert kinds == {"pos": "embedding", "gain": "gain", "router": "linear"}
+    assert not ng.diagnostics.fallbacks
+
+
+def test_shape_reads_are_not_data_paths_without_example_inputs():
+    from normgraph.models import GPT, GPTConfig
+    model = GPT(GPTConfig(d_model=32, n_layer=2, block_size=16))
+    traced = normgraph.analyze(model, sensitivity="modula")
+    exported = normgraph.analyze(model, (torch.randint(0, 256, (2, 16)),), sensitivity="modula")
+    assert traced.diagnostics.frontend.startswith("torch.fx")
+    for name, atom in exported.atoms.items():
+        assert traced.atoms[name].downstream == pytest.approx(atom.downstream, rel=1e-9), name
+
+
+def test_weight_norm_conv_is_a_conv_and_upsampling_has_a_rule():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(2, 4, 3, padding=1))
+
+        def forward(self, x):
+            return F.interpolate(self.conv(x), scale_factor=2, mode="nearest")
+
+    ng = normgraph.analyze(Net(), (torch.randn(1, 2, 6, 6),))
+    kinds = {n.rsplit(".", 1)[-1] if "original" in n else n: a.kind for n, a in ng.atoms.items()}
+    assert kinds["original1"] == "conv" and kinds["original0"] == "gain"
+    assert not ng.diagnostics.assumed_ops and not ng.diagnostics.fallbacks
+
+
+def test_layerdrop_exports_in_eval_mode_and_restores_the_mode():
+    class LayerDrop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4, bias=False) for _ in range(2))
+
+        def forward(self, x):
+            for layer in self.layers:
+                if self.training and torch.rand(()) < 0.5:  # data-dependent branch: export fails
+                    continue
+                x = layer(x)
+            return x
+
+    model = LayerDrop().train()
+    ng = normgraph.analyze(model, (torch.randn(2, 4),))
+    assert model.training
+    assert ng.diagnostics.frontend == "torch.export"
+    assert any("exported in eval mode" in n for n in ng.diagnostics.notes)
+
+
+def test_real_models_have_no_astronomical_spread():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    cfg = dict(num_hidden_layers=8, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+               vocab_size=64)
+    models = [transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                  n_layer=8, n_embd=32, n_head=2, vocab_size=64, n_positions=16)),
+              transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=1, **cfg)),
+              transformers.BertForMaskedLM(transformers.BertConfig(**cfg))]
+    for model in models:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # no spread warning
+            ng = normgraph.analyze(model, (torch.randint(0, 64, (2, 16)),))
+        b = [a.budget for a in ng.atoms.values() if a.kind in ("linear", "embedding")]
+        assert max(b) / min(b) < 200, type(model).__name__
+        assert not ng.diagnostics.assumed_ops, ng.diagnostics.assumed_ops
