@@ -23,10 +23,10 @@ from .data import Corpus
 from .models import GPT, GPTConfig, loss_fn
 
 #: Best learning rate of each optimizer in the sweep recorded in docs/results.md.
-DEFAULT_LRS: dict[str, float] = {"normgraph": 1.0, "adamw": 4e-3, "muon": 0.04}
+DEFAULT_LRS: dict[str, float] = {"normgraph": 0.25, "adamw": 4e-3, "muon": 0.04}
 #: Learning-rate grids swept by `--sweep` (and recorded in docs/results.md).
 SWEEP_LRS: dict[str, tuple[float, ...]] = {
-    "normgraph": (0.25, 0.5, 1.0, 2.0, 4.0),
+    "normgraph": (0.0625, 0.125, 0.25, 0.5, 1.0),
     "adamw": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
     "muon": (0.01, 0.02, 0.04, 0.08, 0.16),
 }

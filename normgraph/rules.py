@@ -399,15 +399,6 @@ def _summed(b: BondInput) -> float | None:
     return float(n_in) / n_out
 
 
-def _exponential(b: BondInput) -> float | None:
-    """exp: its slope is its value, bounded by exp(max x); known only when the input is a
-    parameter (a learned temperature, `logit_scale.exp()`); else None (assumed)."""
-    value = b.input.meta.get("_normgraph_value")
-    if isinstance(value, torch.Tensor) and value.numel() and value.is_floating_point():
-        return float(value.detach().float().max().exp())
-    return None
-
-
 def data_inputs(*names: Any) -> Callable[[BondInput], float]:
     """1 for the inputs named (the data), 0 for the rest (masks, indices, statistics, weights)."""
     def rule(b: BondInput) -> float:
@@ -448,7 +439,6 @@ register_bond_rule("elu", _elu)
 register_bond_rule("selu", SELU_SLOPE)
 register_bond_rule("cumsum", _cumulative_sum)
 register_bond_rule("sum", _summed)
-register_bond_rule("exp", _exponential)
 register_bond_rule("_weight_norm", 0.0)  # builds a weight from v and g: the atoms count at the conv
 for _op in ("cross_entropy", "cross_entropy_loss", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss",
             "binary_cross_entropy_with_logits", "kl_div"):

@@ -1,0 +1,52 @@
+"""Largest / smallest matrix-or-embedding budget of unmodified transformers models, per mode.
+
+    python benchmarks/budget_spread.py --layers 12
+
+Models from small configs (d=128, random init), example batch 2×32 of token ids. A ratio of
+1e12 means the smallest atom is frozen; a small ratio means every matrix trains.
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+
+import normgraph
+from normgraph.models import GPT, GPTConfig
+
+
+def models(layers: int) -> dict[str, torch.nn.Module]:
+    import transformers as T
+    T.logging.set_verbosity_error()
+    cfg = dict(num_hidden_layers=layers, hidden_size=128, intermediate_size=512, num_attention_heads=4,
+               vocab_size=256)
+    return {
+        "GPT-2": T.GPT2LMHeadModel(T.GPT2Config(n_layer=layers, n_embd=128, n_head=4, vocab_size=256,
+                                                n_positions=64, bos_token_id=0, eos_token_id=0)),
+        "Llama": T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, **cfg)),
+        "BERT": T.BertForMaskedLM(T.BertConfig(**cfg)),
+        "demo GPT": GPT(GPTConfig(n_layer=layers)),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, nargs="+", default=[12])
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    print("model      layers  modula     scale   smallest (scale)")
+    for layers in args.layers:
+        for name, model in models(layers).items():
+            row = []
+            for mode in ("modula", "scale"):
+                ng = normgraph.analyze(model, (torch.randint(0, 256, (2, 32)),), sensitivity=mode)
+                b = {n: a.budget for n, a in ng.atoms.items() if a.kind in ("linear", "embedding")}
+                lo = min(b, key=b.get)
+                row.append((max(b.values()) / b[lo], lo))
+            print(f"{name:10s} {layers:6d}  {row[0][0]:9.3g}  {row[1][0]:7.3g}   {row[1][1]}")
+
+
+if __name__ == "__main__":
+    main()
