@@ -6,6 +6,7 @@ parameter-free torch.nn layer (`nn.GELU()`) becomes its functional op ("gelu").
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Iterator
 
@@ -151,3 +152,14 @@ def shape_of(node: Any) -> tuple[int, ...] | None:
         except (TypeError, ValueError):
             return None
     return None
+
+
+def reduction_size(node: fx.Node) -> float:
+    """How many entries each output entry of a reduction gathers: numel in / numel out from
+    the traced shapes (1 when either is unknown)."""
+    src = node.args[0] if node.args else None
+    a, b = shape_of(src), shape_of(node)
+    if a is None or b is None:
+        return 1.0
+    n_in, n_out = math.prod(a), math.prod(b)
+    return n_in / n_out if n_out > 0 and n_in >= n_out else 1.0

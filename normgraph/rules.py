@@ -392,11 +392,9 @@ def _first_difference(b: BondInput) -> float | None:
 def _summed(b: BondInput) -> float | None:
     """sum over n entries per output entry: |Σ xᵢ| ≤ n·RMS(x), so n (numel in / numel out,
     from traced shapes); None (assumed) without them."""
-    src, out = ops.shape_of(b.input), ops.shape_of(b.node)
-    if src is None or out is None:
+    if ops.shape_of(b.input) is None or ops.shape_of(b.node) is None:
         return None
-    n_in, n_out = math.prod(src), max(1, math.prod(out))
-    return float(n_in) / n_out
+    return ops.reduction_size(b.node)
 
 
 def data_inputs(*names: Any) -> Callable[[BondInput], float]:

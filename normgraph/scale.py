@@ -165,20 +165,20 @@ def _product(node: fx.Node, args: dict, S: Scales) -> float:
 
 
 def _quotient(node: fx.Node, args: dict, S: Scales) -> float:
-    num, den = ops.arg(args, "input", 0, ops.arg(args, "self", 0)), ops.arg(args, "other", 1)
+    num, den = _first(args), ops.arg(args, "other", 1)
     d = S(den)
     return S(num) / d if d > 0 else S(num)
 
 
 def _power(node: fx.Node, args: dict, S: Scales) -> float:
-    x, p = ops.arg(args, "input", 0, ops.arg(args, "self", 0)), ops.arg(args, "exponent", 1, 2.0)
+    x, p = _first(args), ops.arg(args, "exponent", 1, 2.0)
     if isinstance(p, (int, float)) and S(x) > 0:
         return S(x) ** float(p)
     return S(x)
 
 
 def _square(node: fx.Node, args: dict, S: Scales) -> float:
-    return S(ops.arg(args, "input", 0, ops.arg(args, "self", 0))) ** 2
+    return S(_first(args)) ** 2
 
 
 def _first(args: dict) -> Any:
@@ -201,21 +201,11 @@ def _unit(node: fx.Node, args: dict, S: Scales) -> float:
 
 def _vector_norm(node: fx.Node, args: dict, S: Scales) -> float:
     """‖x‖₂ over n entries of RMS S is S·√n."""
-    return S(_first(args)) * math.sqrt(_reduced(node))
+    return S(_first(args)) * math.sqrt(ops.reduction_size(node))
 
 
 def _summed(node: fx.Node, args: dict, S: Scales) -> float:
-    return S(_first(args)) * _reduced(node)
-
-
-def _reduced(node: fx.Node) -> float:
-    """How many entries each output entry gathers (numel in / numel out, from traced shapes)."""
-    src = node.args[0] if node.args else None
-    a, b = ops.shape_of(src), ops.shape_of(node)
-    if a is None or b is None:
-        return 1.0
-    n_in, n_out = math.prod(a), math.prod(b)
-    return n_in / n_out if n_out > 0 and n_in >= n_out else 1.0
+    return S(_first(args)) * ops.reduction_size(node)
 
 
 def _matrix_product(node: fx.Node, args: dict, S: Scales) -> float:
@@ -256,21 +246,17 @@ register_scale_rule("scaled_dot_product_attention", scale=_attention)
 # Sensitivities in this mode
 
 
-def _others(b: BondInput, S: Scales, skip: tuple = ()) -> float:
+def _mul_bond(b: BondInput, S: Scales) -> float:
     """Product of the scales of every other operand (numbers by |c|, constants by 1)."""
     out = 1.0
-    for k, v in b.args.items():
-        if v is b.input or k in skip:
+    for v in b.args.values():
+        if v is b.input:
             continue
         if isinstance(v, fx.Node):
             out *= 1.0 if _integer(v) else S(v)
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out *= abs(float(v))
     return out
-
-
-def _mul_bond(b: BondInput, S: Scales) -> float:
-    return _others(b, S)
 
 
 def _div_bond(b: BondInput, S: Scales) -> float:
@@ -324,7 +310,7 @@ def _attention_bond(b: BondInput, S: Scales) -> float:
 
 
 def _summed_bond(b: BondInput, S: Scales) -> float:
-    return _reduced(b.node)
+    return ops.reduction_size(b.node)
 
 
 register_scale_rule("mul", bond=_mul_bond)

@@ -246,3 +246,27 @@ def test_real_models_have_no_astronomical_spread():
         b = [a.budget for a in ng.atoms.values() if a.kind in ("linear", "embedding")]
         assert max(b) / min(b) < 200, type(model).__name__
         assert not ng.diagnostics.assumed_ops, ng.diagnostics.assumed_ops
+
+
+def test_register_scale_rule_overrides_one_op_in_scale_mode_only():
+    from normgraph.scale import SCALE_RULES, SCALED_BOND_RULES
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+
+        def forward(self, x):
+            return self.b(F.hardtanh(self.a(x)))
+
+    x = (torch.randn(2, 4),)
+    try:
+        normgraph.register_scale_rule("hardtanh", scale=lambda node, args, S: 0.5,
+                                      bond=lambda b, S: 0.25)
+        ng = normgraph.analyze(Net(), x)
+        assert ng.atoms["b.weight"].downstream == pytest.approx(0.5)   # b multiplies scale 0.5
+        assert ng.atoms["a.weight"].downstream == pytest.approx(0.25)  # through hardtanh: 0.25
+        assert normgraph.analyze(Net(), x, sensitivity="modula").atoms["a.weight"].downstream == 1.0
+    finally:
+        SCALE_RULES.pop("hardtanh", None)
+        SCALED_BOND_RULES.pop("hardtanh", None)
