@@ -15,6 +15,8 @@ import torch
 import normgraph
 from normgraph.models import GPT, GPTConfig
 
+MODES = ("modula", "scale", "typical")
+
 
 def models(layers: int) -> dict[str, torch.nn.Module]:
     import transformers as T
@@ -36,16 +38,16 @@ def main() -> None:
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    print("model      layers  modula     scale   smallest (scale)")
+    print("model      layers  " + "  ".join(f"{m:>9s}" for m in MODES) + "   smallest (last mode)")
     for layers in args.layers:
         for name, model in models(layers).items():
             row = []
-            for mode in ("modula", "scale"):
+            for mode in MODES:
                 ng = normgraph.analyze(model, (torch.randint(0, 256, (2, 32)),), sensitivity=mode)
                 b = {n: a.budget for n, a in ng.atoms.items() if a.kind in ("linear", "embedding")}
                 lo = min(b, key=b.get)
                 row.append((max(b.values()) / b[lo], lo))
-            print(f"{name:10s} {layers:6d}  {row[0][0]:9.3g}  {row[1][0]:7.3g}   {row[1][1]}")
+            print(f"{name:10s} {layers:6d}  " + "  ".join(f"{r[0]:9.3g}" for r in row) + f"   {row[-1][1]}")
 
 
 if __name__ == "__main__":

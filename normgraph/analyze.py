@@ -25,7 +25,7 @@ from .rules import (ATOM_RULES, DEFAULT_MASS, PARAM_INDEX, PARAM_METADATA, PARAM
 from .scale import Scales, atom_gain, scaled_bond
 from .trace import Captured, capture
 
-SENSITIVITY_MODES = ("scale", "modula")
+SENSITIVITY_MODES = ("scale", "modula", "typical")
 
 FALLBACK_NOTE = "fallback: RMS norm of the whole tensor, dual = normalise to RMS 1"
 
@@ -54,6 +54,10 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             uses: activation scales propagated from well-normed atoms, normalisations undo
             the growth of a residual stream (see `normgraph.scale`, docs/concepts.md).
             "modula": modula's algebra exactly (every activation unit-sized), as before.
+            "typical": the "scale" mode with paths (and the scales of sums) combined in
+            quadrature instead of added: typical rather than worst-case alignment. Flatter
+            budgets over depth; better on Llama-style models, worse on modula-shaped ones
+            (docs/results.md §6).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"normgraph.analyze expects a torch.nn.Module, got {type(model).__name__}")
@@ -84,11 +88,12 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
     else:
         uses = classify(cap, trainable, conv_mode, split_packed)
         scales = None
-        if sensitivity == "scale":
+        if sensitivity in ("scale", "typical"):
             biases = {n for n, specs in uses.items()
                       if (kinds or {}).get(n, specs[0][0].kind if specs else "") == "bias"}
             live = _live(cap)
-            scales = Scales(cap.graph, live, cap.params, biases, cap.modules, rotary_joins(cap, live))
+            scales = Scales(cap.graph, live, cap.params, biases, cap.modules, rotary_joins(cap, live),
+                            p=2.0 if sensitivity == "typical" else 1.0)
         D, assumed = downstream(cap, scales)
         diag.assumed_ops = assumed
         atoms = _graph_atoms(trainable, uses, D, kinds or {}, diag, scales)
@@ -135,18 +140,19 @@ def downstream(cap: Captured, scales: Scales | None = None) -> tuple[dict[fx.Nod
 
     Without `scales` the bonds are modula's (every activation unit-sized); with them, the
     "scale" mode's (see `normgraph.scale`)."""
-    D: dict[fx.Node, float] = {n: 0.0 for n in cap.graph.nodes}
+    p = scales.p if scales is not None else 1.0
+    D: dict[fx.Node, float] = {n: 0.0 for n in cap.graph.nodes}  # Σ over uses of (s·D(use))^p
     for out in cap.outputs:
         D[out] += 1.0
     live = _live(cap)
     rotations = rotary_joins(cap, live)
     assumed: dict[str, int] = {}
     for node in reversed(cap.graph.nodes):
-        d = D[node]
+        d = D[node] ** (1.0 / p)  # every use of `node` comes after it: its sum is complete
         if d == 0.0 or node.op in ("placeholder", "get_attr", "output"):
             continue
         if node in rotations:  # a rotation of one activation: an isometry, one bond of 1
-            D[rotations[node]] += d
+            D[rotations[node]] += d ** p
             continue
         op = ops.op_name(node, cap.modules)
         entry = module_entry(cap.modules[str(node.target)]) if node.op == "call_module" else None
@@ -163,8 +169,8 @@ def downstream(cap: Captured, scales: Scales | None = None) -> tuple[dict[fx.Nod
             if was_assumed and not counted:
                 assumed[op] = assumed.get(op, 0) + 1
                 counted = True
-            D[inp] += s * d
-    return D, assumed
+            D[inp] += (s * d) ** p
+    return {n: v ** (1.0 / p) for n, v in D.items()}, assumed
 
 
 #: Ops that only rearrange or negate entries: a rotary embedding splits, negates and
@@ -356,8 +362,8 @@ def _graph_atoms(trainable: Mapping[str, torch.Tensor],
             diag.fallbacks[name] = "never reached by the captured graph; " + FALLBACK_NOTE
             continue
         spec = _choose(name, specs, kinds.get(name))
-        d = sum(D[n] * (atom_gain(u, spec.kind, scales) if scales is not None and u is not None else 1.0)
-                for _, n, u in specs)
+        d = _combine([D[n] * (atom_gain(u, spec.kind, scales) if scales is not None and u is not None else 1.0)
+                      for _, n, u in specs], scales.p if scales is not None else 1.0)
         nodes = [n.name for _, n, _ in specs]
         if len(specs) > 1:
             diag.tied[name] = [f"{s.kind} ({n.name})" for s, n, _ in specs]
@@ -371,6 +377,11 @@ def _graph_atoms(trainable: Mapping[str, torch.Tensor],
             d = 1.0
         atoms[name] = _atom(name, p, spec, d, nodes)
     return atoms
+
+
+def _combine(values: list[float], p: float) -> float:
+    """A tied parameter's downstream over its uses: the sum (p = 1) or the ℓp sum."""
+    return sum(v ** p for v in values) ** (1.0 / p)
 
 
 def _module_atoms(model: torch.nn.Module, trainable: Mapping[str, torch.Tensor], conv_mode: str,

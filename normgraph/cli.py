@@ -232,8 +232,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-dtype", action="append", default=[], choices=("float", "long"),
                    help="dtype of the example inputs: once for all, or once per --input-shape "
                         "(long: token ids below the smallest nn.Embedding size)")
-    p.add_argument("--sensitivity", choices=("scale", "modula"), default="scale",
-                   help="sensitivity mode (default: scale; modula: modula's algebra exactly)")
+    p.add_argument("--sensitivity", choices=("scale", "modula", "typical"), default="scale",
+                   help="sensitivity mode (default: scale; modula: modula's algebra exactly; "
+                        "typical: paths combined in quadrature)")
     p.add_argument("--masses", action="append", default=[], metavar="NAME=M,...",
                    help="masses by module-name prefix, e.g. blocks=5,head=1")
 

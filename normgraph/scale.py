@@ -22,6 +22,11 @@ output lands. On modula-shaped networks every scale is 1 and this mode agrees wi
 `sensitivity="modula"`; the derivation and the measurements that chose it are in
 docs/concepts.md.
 
+With `p = 2` (`sensitivity="typical"`) the same rules run with sums of scales and sums over
+paths taken in quadrature, √(Σ xᵢ²), the size of a sum of uncorrelated terms, instead of
+Σ xᵢ: the worst case assumes every path's effect lines up, the typical case that they
+are independent.
+
 Everything here is data: `SCALE_RULES` (op → output scale) and `SCALED_BOND_RULES`
 (op → sensitivity in this mode), extended with `register_scale_rule`. An op with no entry
 keeps its modula bond rule and the largest scale among its live inputs.
@@ -72,8 +77,9 @@ class Scales:
 
     def __init__(self, graph: fx.Graph, live: set[fx.Node], params: Mapping[fx.Node, str],
                  biases: set[str], modules: Mapping[str, Any],
-                 rotations: Mapping[fx.Node, fx.Node] | None = None) -> None:
+                 rotations: Mapping[fx.Node, fx.Node] | None = None, p: float = 1.0) -> None:
         self.live = live
+        self.p = p
         self.modules = modules
         self.value: dict[fx.Node, float] = {}
         rotations = rotations or {}
@@ -152,7 +158,7 @@ def _is_bias_key(op: str, key: Any) -> bool:
 
 
 def _sum_of_inputs(node: fx.Node, args: dict, S: Scales) -> float:
-    total = sum(S.summand(i) for _, i in ops.tensor_inputs(node))
+    total = sum(S.summand(i) ** S.p for _, i in ops.tensor_inputs(node)) ** (1.0 / S.p)
     return total if total > 0 else max((S(i) for _, i in ops.tensor_inputs(node)), default=1.0)
 
 

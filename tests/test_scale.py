@@ -51,6 +51,19 @@ def test_prenorm_budgets_by_hand():
     assert modula.atoms["w2.0.weight"].downstream == pytest.approx(1.0)
 
 
+def test_typical_mode_combines_paths_and_sums_in_quadrature():
+    """sensitivity="typical": S(x1) = √(1 + 1), ln_f has sensitivity 1/√2, so D(x1) = 1/√2;
+    D(x0) = √((1/√2)² + (1/√2)²) = 1 (skip and branch in quadrature)."""
+    ng = normgraph.analyze(PreNorm(), IDS, sensitivity="typical")
+    r = 2 ** -0.5
+    assert {n: a.downstream for n, a in ng.atoms.items()} == pytest.approx(
+        {"emb.weight": 1.0, "ln.0.weight": r, "w1.0.weight": r, "w2.0.weight": r,
+         "ln_f.weight": 1.0, "head.weight": 1.0})
+    deep = normgraph.analyze(PreNorm(16), IDS, sensitivity="typical")
+    b = [a.budget for a in deep.atoms.values() if a.kind in ("linear", "embedding")]
+    assert max(b) / min(b) < 16  # flatter than "scale" (≈ L)
+
+
 def test_plain_residual_depth_is_polynomial_not_exponential():
     """Budgets of a 16-block plain residual stack stay within ~L of each other ("scale"); with
     modula's algebra they halve per block (the issue's failure)."""
