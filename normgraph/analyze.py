@@ -93,7 +93,7 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
                       if (kinds or {}).get(n, specs[0][0].kind if specs else "") == "bias"}
             live = _live(cap)
             scales = Scales(cap.graph, live, cap.params, biases, cap.modules, rotary_joins(cap, live),
-                            p=2.0 if sensitivity == "typical" else 1.0)
+                            p=2.0 if sensitivity == "typical" else 1.0, values=cap.values)
         D, assumed = downstream(cap, scales)
         diag.assumed_ops = assumed
         atoms = _graph_atoms(trainable, uses, D, kinds or {}, diag, scales)

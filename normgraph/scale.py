@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping
 
+import torch
 import torch.fx as fx
 
 from . import ops
@@ -72,18 +73,26 @@ class Scales:
     Inputs that are floating-point data have scale 1, integer inputs (token ids) 0,
     trainable parameters 1 (well-normed), except biases, which shift rather than scale and
     count 0 in a sum; constants (buffers, masks, RoPE tables) are not activations: they
-    count 1 as factors and 0 as summands.
+    count as factors by their largest entry where the tensor is known (a stored `sqrt(d)`), else
+1, and 0 as summands.
     """
 
     def __init__(self, graph: fx.Graph, live: set[fx.Node], params: Mapping[fx.Node, str],
                  biases: set[str], modules: Mapping[str, Any],
-                 rotations: Mapping[fx.Node, fx.Node] | None = None, p: float = 1.0) -> None:
+                 rotations: Mapping[fx.Node, fx.Node] | None = None, p: float = 1.0,
+                 values: Mapping[fx.Node, Any] | None = None) -> None:
         self.live = live
         self.p = p
+        self._values = values or {}
         self.modules = modules
         self.value: dict[fx.Node, float] = {}
+        #: values computed from parameters and constants only (`1 + w`, `w.float()`)
+        self.weights: set[fx.Node] = set(params)
         rotations = rotations or {}
         for node in graph.nodes:
+            inputs = [i for i in node.all_input_nodes if i in live]
+            if node not in params and inputs and all(i in self.weights for i in inputs):
+                self.weights.add(node)
             if node in rotations:  # a rotation keeps its input's scale
                 self.value[node] = self.value.get(rotations[node], 1.0)
             else:
@@ -105,8 +114,18 @@ class Scales:
         if node in params:
             return 0.0 if params[node] in biases else 1.0
         if node.op in ("placeholder", "get_attr"):
-            return 0.0 if _integer(node) else 1.0
-        if node.op == "output" or node not in self.live:
+            if _integer(node):
+                return 0.0
+            value = self._values.get(node)
+            if node not in self.live and isinstance(value, torch.Tensor) and value.numel() and value.is_floating_point():
+                return float(value.detach().abs().max())  # a stored constant: `x * sqrt(d)`
+            return 1.0
+        if node.op == "output":
+            return 1.0
+        if node not in self.live:  # a constant: keep a known size through casts and views
+            src = node.args[0] if node.args else None
+            if ops.op_name(node, self.modules) in _CONSTANT_PASSTHROUGH and isinstance(src, fx.Node):
+                return self.value.get(src, 1.0)
             return 1.0
         if _integer(node):
             return 0.0
@@ -116,6 +135,10 @@ class Scales:
             return float(rule(node, ops.arguments(node), self))
         inputs = [self.value.get(i, 1.0) for _, i in ops.tensor_inputs(node) if i in self.live]
         return max(inputs, default=1.0)
+
+
+_CONSTANT_PASSTHROUGH = {"to", "type", "type_as", "float", "half", "bfloat16", "contiguous", "clone",
+                         "detach", "alias", "view", "reshape", "expand", "unsqueeze", "squeeze"}
 
 
 def _integer(node: fx.Node) -> bool:
@@ -158,7 +181,14 @@ def _is_bias_key(op: str, key: Any) -> bool:
 
 
 def _sum_of_inputs(node: fx.Node, args: dict, S: Scales) -> float:
-    total = sum(S.summand(i) ** S.p for _, i in ops.tensor_inputs(node)) ** (1.0 / S.p)
+    """Live activations and numbers add their scales (`1 + tanh(x)` is about 2, not 1);
+    masks and other constant tensors do not (an additive −inf mask is not a size)."""
+    terms = [S.summand(i) for _, i in ops.tensor_inputs(node)]
+    terms += [abs(float(v)) for v in node.args[:2]  # the operands, not `alpha=`
+              if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if node in S.weights:  # `1 + w`: a gain stored as its offset from 1 is still a gain
+        return max(terms, default=1.0)
+    total = sum(t ** S.p for t in terms) ** (1.0 / S.p)
     return total if total > 0 else max((S(i) for _, i in ops.tensor_inputs(node)), default=1.0)
 
 
@@ -246,6 +276,8 @@ for _op in ("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "conv1d", "conv
             "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution", "einsum"):
     register_scale_rule(_op, scale=_matrix_product)
 register_scale_rule("scaled_dot_product_attention", scale=_attention)
+for _op in ("to", "type_as", "expand_as", "view", "reshape"):  # the second argument is metadata
+    register_scale_rule(_op, scale=lambda node, args, S: S(node.args[0]) if node.args else 1.0)
 
 
 # ---------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ class Captured:
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # call_module target -> module
     outputs: list[fx.Node] = field(default_factory=list)       # user outputs (seed D = 1)
     constants: set[fx.Node] = field(default_factory=set)       # buffers and lifted constants
+    values: dict[fx.Node, torch.Tensor] = field(default_factory=dict)  # their tensors, where known
     errors: dict[str, str] = field(default_factory=dict)       # strategy -> why it failed
     notes: list[str] = field(default_factory=list)
 
@@ -72,6 +73,10 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], names: 
             cap.params[by_name[placeholder]] = names[id(p)]
     for placeholder in [*sig.inputs_to_buffers, *sig.inputs_to_lifted_tensor_constants]:
         cap.constants.add(by_name[placeholder])
+    tensors = {**ep.state_dict, **ep.constants}
+    for placeholder, fqn in [*sig.inputs_to_buffers.items(), *sig.inputs_to_lifted_tensor_constants.items()]:
+        if isinstance(tensors.get(fqn), torch.Tensor):
+            cap.values[by_name[placeholder]] = tensors[fqn]
     for name, node in by_name.items():
         if name in sig.inputs_to_parameters and node not in cap.params:
             cap.constants.add(node)  # frozen parameters act as constants
@@ -132,6 +137,9 @@ def _symbolic(model: torch.nn.Module, names: dict[int, str], keep_torch_leaves: 
                 cap.params[node] = names[id(p)]
             else:
                 cap.constants.add(node)  # buffers, constants, frozen parameters
+                value = _attribute(model, str(node.target))
+                if isinstance(value, torch.Tensor):
+                    cap.values[node] = value
         elif node.op == "output":
             out = node.args[0]
             stack = [out]
@@ -144,6 +152,13 @@ def _symbolic(model: torch.nn.Module, names: dict[int, str], keep_torch_leaves: 
                 elif isinstance(v, dict):
                     stack.extend(v.values())
     return cap
+
+
+def _attribute(model: torch.nn.Module, target: str) -> Any:
+    obj: Any = model
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def _model_rejects(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> BaseException | None:

@@ -283,3 +283,20 @@ def test_register_scale_rule_overrides_one_op_in_scale_mode_only():
     finally:
         SCALE_RULES.pop("hardtanh", None)
         SCALED_BOND_RULES.pop("hardtanh", None)
+
+
+def test_numbers_in_a_sum_count_toward_its_scale():
+    """`0.5·(1 + tanh(h))` (a written-out GELU's last factor) has scale 0.5·(1 + 1) = 1: the
+    constant counts; an additive mask does not."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+            self.register_buffer("mask", torch.full((4,), -1e4))
+
+        def forward(self, x):
+            return self.b(0.5 * (1 + torch.tanh(self.a(x)))) + self.mask
+
+    ng = normgraph.analyze(Net(), (torch.randn(2, 4),))
+    assert ng.atoms["b.weight"].downstream == pytest.approx(1.0)
+    assert ng.atoms["a.weight"].downstream == pytest.approx(0.5)  # b (1) · 0.5 · tanh (1)
