@@ -17,6 +17,38 @@ import normgraph
 from normgraph.data import Corpus
 
 
+class NanoGPT(torch.nn.Module):
+    """nanoGPT's architecture (Karpathy): packed c_attn, GELU MLP, pre-LN, plain residuals,
+    learned positions, and the output head tied to the token embedding."""
+
+    def __init__(self, layers: int, d: int = 128, vocab: int = 256, block: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.heads = heads
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(block, d)
+        self.ln1 = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
+        self.ln2 = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
+        self.c_attn = nn.ModuleList(nn.Linear(d, 3 * d) for _ in range(layers))
+        self.c_proj = nn.ModuleList(nn.Linear(d, d) for _ in range(layers))
+        self.c_fc = nn.ModuleList(nn.Linear(d, 4 * d) for _ in range(layers))
+        self.mlp_proj = nn.ModuleList(nn.Linear(4 * d, d) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        b, t = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
+        for ln1, ln2, qkv, proj, fc, out in zip(self.ln1, self.ln2, self.c_attn, self.c_proj, self.c_fc,
+                                                 self.mlp_proj):
+            q, k, v = qkv(ln1(x)).split(x.shape[-1], dim=2)
+            q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + proj(y.transpose(1, 2).reshape(b, t, -1))
+            x = x + out(F.gelu(fc(ln2(x))))
+        return self.lm_head(self.ln_f(x))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=12)
@@ -35,6 +67,7 @@ def main() -> None:
                                                             n_positions=64)),
         "Llama": T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, **cfg)),
         "BERT": T.BertForMaskedLM(T.BertConfig(**cfg)),
+        "nanoGPT-style (tied)": NanoGPT(L),
     }
     corpus = Corpus.load()
     for name, model in models.items():
@@ -45,7 +78,8 @@ def main() -> None:
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.ndim == 2}
         for _ in range(args.steps):
             x, y = next(data)
-            logits = model(input_ids=x).logits
+            out = model(x) if isinstance(model, NanoGPT) else model(input_ids=x).logits
+            logits = out
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             opt.zero_grad()
             loss.backward()
