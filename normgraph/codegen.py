@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from . import dual
+from .layout import atom_parts
 from .normgraph import Atom, NormGraph
 
 #: (dtype, device) of one gradient, as strings, e.g. ("float32", "cpu").
@@ -53,7 +54,8 @@ class _Group:
     cols: int
     dtype: str
     device: str
-    members: list[tuple[int, Atom]] = field(default_factory=list)
+    #: (gradient index, atom or part of one, (dim, start, size) of the part or None)
+    members: list[tuple[int, Atom, tuple[int, int, int] | None]] = field(default_factory=list)
 
 
 def _as_list(atoms: Sequence[Atom] | NormGraph | dict[str, Atom]) -> list[Atom]:
@@ -68,9 +70,10 @@ def _groups(atoms: list[Atom], specs: list[Spec]) -> list[_Group]:
     groups: dict[tuple, _Group] = {}
     for i, (atom, (dt, dev)) in enumerate(zip(atoms, specs)):
         dual.check_atom(atom)
-        rows, cols = atom.options["matrix"][1:] if atom.dual == "orthogonalize" else (0, 0)
-        key = (atom.dual, rows, cols, dt, dev)
-        groups.setdefault(key, _Group(atom.dual, rows, cols, dt, dev)).members.append((i, atom))
+        for where, piece in atom_parts(atom) if atom.dual == "orthogonalize" else [(None, atom)]:
+            rows, cols = piece.options["matrix"][1:] if atom.dual == "orthogonalize" else (0, 0)
+            key = (atom.dual, rows, cols, dt, dev)
+            groups.setdefault(key, _Group(atom.dual, rows, cols, dt, dev)).members.append((i, piece, where))
     return list(groups.values())
 
 
@@ -92,17 +95,27 @@ def _is_plain(atom: Atom) -> bool:
     return atom.options["matrix"][0] == 1 and _identity(atom.options["perm"])
 
 
-def _view_in(i: int, atom: Atom, batched: bool) -> str:
+def _source(i: int, where: tuple[int, int, int] | None) -> str:
+    """grads[i], or the slice of it that one part of a split atom covers."""
+    return f"grads[{i}]" if where is None else f"grads[{i}].narrow({where[0]}, {where[1]}, {where[2]})"
+
+
+def _out_name(i: int, where: tuple[int, int, int] | None) -> str:
+    return f"u{i}" if where is None else f"u{i}_{where[1]}"
+
+
+def _view_in(i: int, atom: Atom, batched: bool, where: tuple[int, int, int] | None = None) -> str:
     """grads[i] as (rows, cols) when stacking plain matrices, else as (B, rows, cols)."""
     o = atom.options
     b, r, c = o["matrix"]
+    src = _source(i, where)
     if _is_plain(atom):
         if not batched:
-            return f"grads[{i}]" if tuple(atom.shape) == (r, c) else f"grads[{i}].reshape({r}, {c})"
-        return f"grads[{i}].reshape(1, {r}, {c})"
+            return src if tuple(atom.shape) == (r, c) else f"{src}.reshape({r}, {c})"
+        return f"{src}.reshape(1, {r}, {c})"
     if _identity(o["perm"]):
-        return f"grads[{i}]" if tuple(atom.shape) == (b, r, c) else f"grads[{i}].reshape({b}, {r}, {c})"
-    return (f"grads[{i}].reshape{_shape(o['pre_shape'])}.permute{_shape(o['perm'])}"
+        return src if tuple(atom.shape) == (b, r, c) else f"{src}.reshape({b}, {r}, {c})"
+    return (f"{src}.reshape{_shape(o['pre_shape'])}.permute{_shape(o['perm'])}"
             f".reshape({b}, {r}, {c})")
 
 
@@ -120,9 +133,9 @@ def _view_out(expr: str, atom: Atom, batched: bool) -> str:
     return f"{expr}.reshape{_shape(permuted)}.permute{_shape(inv)}.reshape{_shape(atom.shape)}"
 
 
-def _names(members: list[tuple[int, Atom]], width: int = 88) -> list[str]:
+def _names(members: list[tuple[int, Atom, tuple[int, int, int] | None]], width: int = 88) -> list[str]:
     lines, cur = [], "#   "
-    for k, (_, a) in enumerate(members):
+    for k, (_, a, _) in enumerate(members):
         piece = a.name + ("," if k < len(members) - 1 else "")
         if len(cur) + len(piece) > width and cur.strip() != "#":
             lines.append(cur.rstrip())
@@ -134,7 +147,7 @@ def _names(members: list[tuple[int, Atom]], width: int = 88) -> list[str]:
 
 def _emit_orthogonalize(gi: int, g: _Group, orthogonalizer: str, work: torch.dtype, method: str,
                         out: list[str]) -> None:
-    n_mats = sum(a.options["matrix"][0] for _, a in g.members)
+    n_mats = sum(a.options["matrix"][0] for _, a, _ in g.members)
     tall = g.rows > g.cols
     gram = orthogonalizer == "newton-schulz" and dual.use_gram(g.rows, g.cols, work, method)
     how = ("exact SVD" if orthogonalizer == "svd" else
@@ -142,8 +155,8 @@ def _emit_orthogonalize(gi: int, g: _Group, orthogonalizer: str, work: torch.dty
            + (", iterated in Gram form" if gram else ""))
     out.append(f"    # group {gi}: orthogonalize {n_mats} × ({g.rows}×{g.cols}) {g.dtype} on {g.device}, {how}")
     out.extend("    " + line for line in _names(g.members))
-    plain = all(_is_plain(a) for _, a in g.members)
-    views = [_view_in(i, a, batched=not plain) for i, a in g.members]
+    plain = all(_is_plain(a) for _, a, _ in g.members)
+    views = [_view_in(i, a, not plain, where) for i, a, where in g.members]
     if tall:  # stack the transposes: one copy makes the wide layout contiguous for the bmm calls
         views = [f"{v}.mT" for v in views]
     if len(views) == 1:
@@ -160,7 +173,7 @@ def _emit_orthogonalize(gi: int, g: _Group, orthogonalizer: str, work: torch.dty
         form = ", gram_form=True" if gram else ""
         out.append(f"    o{gi} = _newton_schulz(g{gi}{cast_in}{form}){'.mT' if tall else ''}{cast_out}")
     start = 0
-    for i, a in g.members:
+    for i, a, where in g.members:
         b = a.options["matrix"][0]
         piece = f"o{gi}[{start}]" if plain else f"o{gi}[{start}:{start + b}]"
         start += b
@@ -169,7 +182,7 @@ def _emit_orthogonalize(gi: int, g: _Group, orthogonalizer: str, work: torch.dty
             f" / {a.options.get('norm_scale', 1.0):g}" if a.options.get("norm_scale", 1.0) != 1 else "")
         scaled = f"{piece} * {_lit(dual.matrix_scale(a))}"
         viewed = _view_out(f"({scaled})", a, batched=not plain)
-        out.append(f"    u{i} = {scaled if viewed == f'({scaled})' else viewed}{note}")
+        out.append(f"    {_out_name(i, where)} = {scaled if viewed == f'({scaled})' else viewed}{note}")
 
 
 _ELEMENTWISE = {
@@ -183,7 +196,7 @@ def _emit_elementwise(gi: int, g: _Group, out: list[str]) -> None:
     expr, why = _ELEMENTWISE[g.dual]
     out.append(f"    # group {gi}: {g.dual} ({why}) × {len(g.members)}, {g.dtype} on {g.device}")
     out.extend("    " + line for line in _names(g.members))
-    for i, a in g.members:
+    for i, a, _ in g.members:
         out.append(f"    u{i} = {expr.format(g=f'grads[{i}]')} * {_lit(a.budget)}")
 
 
@@ -246,6 +259,11 @@ def generate_source(atoms: Sequence[Atom] | NormGraph | dict[str, Atom], *, spec
             _emit_orthogonalize(gi, g, orthogonalizer, work, ns_method, out)
         else:
             _emit_elementwise(gi, g, out)
+    for i, atom in enumerate(atoms):  # split atoms: their parts back into one update
+        parts = atom.options.get("parts") if atom.dual == "orthogonalize" else None
+        if parts:
+            pieces = ", ".join(f"u{i}_{p['start']}" for p in parts)
+            out.append(f"    u{i} = torch.cat([{pieces}], dim={parts[0]['dim']})  # {atom.name}, {len(parts)} parts")
     if atoms:
         items = ", ".join(f"u{i}" for i in range(len(atoms)))
         out.append(f"    return [{items}]")
@@ -351,9 +369,10 @@ def flops(atoms: Sequence[Atom], ns_steps: int, specs: Sequence[Spec] | None = N
     for a, (_, dev) in zip(atoms, specs):
         if a.dual != "orthogonalize":
             continue
-        b, r, c = a.options["matrix"]
         work = _work_dtype(dev, dtype)
-        total += b * dual.ns_flops(r, c, ns_steps, dual.use_gram(r, c, work, ns_method))
+        for _, piece in atom_parts(a):
+            b, r, c = piece.options["matrix"]
+            total += b * dual.ns_flops(r, c, ns_steps, dual.use_gram(r, c, work, ns_method))
     return total
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .layout import as_matrices, from_matrices
+from .layout import as_matrices, atom_parts, from_matrices
 from .normgraph import Atom
 
 Coefficients = tuple[tuple[float, float, float], ...]
@@ -212,9 +212,17 @@ def check_atom(atom: Atom) -> None:
         raise ValueError(f"parameter {atom.name!r}: unknown duality map {atom.dual!r} (kind "
                          f"{atom.kind!r}); use one of {DUALS}, e.g. via "
                          f"normgraph.register_kind({atom.kind!r}, dual=..., norm=..., mass=...)")
-    if atom.dual == "orthogonalize" and "matrix" not in atom.options:
-        raise ValueError(f"parameter {atom.name!r}: kind {atom.kind!r} is orthogonalized but its "
-                         "atom has no matrix view; build options with layout.matrix_options(...)")
+    if atom.dual == "orthogonalize":
+        views = [sub.options for _, sub in atom_parts(atom)]
+        if not all("matrix" in v for v in views):
+            raise ValueError(f"parameter {atom.name!r}: kind {atom.kind!r} is orthogonalized but its "
+                             "atom has no matrix view; build options with layout.matrix_options(...)")
+        for where, sub in atom_parts(atom):
+            b, r, c = sub.options["matrix"]
+            if b * r * c != math.prod(sub.shape):
+                raise ValueError(f"parameter {atom.name!r}: its matrix view {sub.options['matrix']} does "
+                                 f"not cover {'part ' + str(where) + ' of ' if where else ''}shape "
+                                 f"{sub.shape}; re-run normgraph.analyze")
 
 
 def row_normalize(g: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
@@ -239,6 +247,11 @@ def dualize_atom(atom: Atom, grad: torch.Tensor, *, orthogonalizer: str = "svd",
     if tuple(grad.shape) != atom.shape:
         raise ValueError(f"parameter {atom.name!r}: gradient shape {tuple(grad.shape)} does not match "
                          f"the atom's {atom.shape}; re-run analyze on this model")
+    if atom.dual == "orthogonalize" and atom.options.get("parts"):
+        pieces = [dualize_atom(sub, grad.narrow(*where), orthogonalizer=orthogonalizer, ns_steps=ns_steps,
+                               coefficients=coefficients, dtype=dtype, ns_method=ns_method)
+                  for where, sub in atom_parts(atom)]
+        return torch.cat(pieces, dim=atom.options["parts"][0]["dim"])
     if atom.dual == "orthogonalize":
         m = as_matrices(grad, atom.options)
         o = orthogonalize(m, orthogonalizer, ns_steps, coefficients, dtype, ns_method)

@@ -5,6 +5,7 @@ batch of (fan_out × fan_in) matrices; this module is the single place that know
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -35,8 +36,34 @@ def from_matrices(m: torch.Tensor, options: dict[str, Any], shape: tuple[int, ..
     return m.reshape(permuted).permute(inv).reshape(shape)
 
 
+def part_options(parts: list[tuple[int, int, dict[str, Any]]], dim: int) -> dict[str, Any]:
+    """Options of a matrix parameter split along `dim` into independently orthogonalized parts
+    of unequal sizes (a fused q/k/v projection with fewer k/v heads: 64 + 16 + 16 rows).
+    `parts` holds (start, size, matrix_options of that slice)."""
+    return {"parts": [{"dim": int(dim), "start": int(a), "size": int(n), **o} for a, n, o in parts]}
+
+
+def atom_parts(atom: Atom) -> list[tuple[tuple[int, int, int] | None, Atom]]:
+    """((dim, start, size) or None, atom) for each independently dualised piece of `atom`: the
+    atom itself, or one sub-atom per part (its shape the slice's, its options the part's)."""
+    parts = atom.options.get("parts")
+    if not parts:
+        return [(None, atom)]
+    out = []
+    for p in parts:
+        shape = list(atom.shape)
+        shape[p["dim"]] = p["size"]
+        opts = {k: v for k, v in p.items() if k not in ("dim", "start", "size")}
+        sub = dataclasses.replace(atom, name=f"{atom.name}[{p['start']}:{p['start'] + p['size']}]",
+                                  shape=tuple(shape), options=opts)
+        out.append(((p["dim"], p["start"], p["size"]), sub))
+    return out
+
+
 def atom_norm(atom: Atom, t: torch.Tensor) -> float:
     """Exact operator norm of `t` in `atom`'s norm (SVD reference, for tests and users)."""
+    if atom.options.get("parts"):  # the norm of a split atom: the largest of its parts'
+        return max(atom_norm(sub, t.narrow(*where)) for where, sub in atom_parts(atom))
     t = t.detach().double()
     if atom.kind in ORTHOGONALIZED_KINDS or atom.options.get("matrix"):
         m = as_matrices(t, atom.options)

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from . import ops
 from .dual import DUALS
-from .layout import matrix_options
+from .layout import matrix_options, part_options
 from .normgraph import DUAL_OF_KIND, NORM_OF_KIND
 
 # ---------------------------------------------------------------------------------------
@@ -110,6 +110,27 @@ def _splits(out_node: fx.Node, fan_out: int) -> int:
     return 1
 
 
+def _unequal_parts(out_node: fx.Node, fan_out: int) -> list[int] | None:
+    """Sizes of unequal chunks a matrix op's output is split into along its last dim (a fused
+    q/k/v projection with fewer k/v heads: [64, 16, 16]); None when there are none."""
+    frontier, steps = [out_node], 0
+    while frontier and steps < 8:
+        node = frontier.pop()
+        steps += 1
+        for user in node.users:
+            name, a = ops.op_name(user), ops.arguments(user)
+            if name in ("view", "reshape") and _last_dim(user) == fan_out:
+                frontier.append(user)
+                continue
+            if name not in ("split", "split_with_sizes") or not _is_last(user, ops.arg(a, "dim", 2, 0)):
+                continue
+            size = a.get("split_size", a.get("split_size_or_sections", a.get("split_sizes", a.get(1))))
+            if (isinstance(size, (list, tuple)) and len(set(size)) > 1 and all(isinstance(n, int) for n in size)
+                    and sum(size) == fan_out):
+                return [int(n) for n in size]
+    return None
+
+
 def _equal_chunks(user: fx.Node, name: str, a: dict[Any, Any], fan_out: int) -> int:
     if name == "unflatten":
         dim, sizes = ops.arg(a, "dim", 1), ops.arg(a, "sizes", 2)
@@ -159,6 +180,9 @@ def matrix_spec(use: Use, layout: str, kind: str | None = None) -> AtomSpec:
     if kind is None:
         stacked_op = use.op in ("bmm", "grouped_mm", "baddbmm", "matmul")
         kind = "expert" if lead and (use.indexed or stacked_op) else "linear"
+    sizes = _unequal_parts(use.node, rows) if use.split_packed and not lead else None
+    if sizes is not None:
+        return _parted_spec(use, kind or "linear", layout, rows, cols, sizes)
     s = _splits(use.node, rows) if use.split_packed else 1
     n = len(lead)
     batch = math.prod(lead) * s
@@ -173,6 +197,22 @@ def matrix_spec(use: Use, layout: str, kind: str | None = None) -> AtomSpec:
     if s > 1:
         note += f", packed ×{s}"
     return AtomSpec(kind, fan_in=cols, fan_out=rows // s, options=opts, note=note)
+
+
+def _parted_spec(use: Use, kind: str, layout: str, rows: int, cols: int, sizes: list[int]) -> AtomSpec:
+    """A 2-D weight whose output is split into unequal parts: each part its own matrix."""
+    parts, start = [], 0
+    for n in sizes:
+        if layout == "out_in":  # the tensor is (rows, cols): part = rows [start, start + n)
+            parts.append((start, n, matrix_options([n, cols], [0, 1], 1, n, cols)))
+        else:                   # the tensor is (cols, rows): part = columns [start, start + n)
+            parts.append((start, n, matrix_options([cols, n], [1, 0], 1, n, cols)))
+        start += n
+    opts = part_options(parts, dim=0 if layout == "out_in" else 1)
+    layout_note = "(in, out)" if layout == "in_out" else "(out, in)"
+    return AtomSpec(kind, fan_in=cols, fan_out=rows, options=opts,
+                    note=f"{use.op} weight, {layout_note} layout, packed in unequal parts "
+                         f"{' + '.join(map(str, sizes))}")
 
 
 def _linear(use: Use) -> AtomSpec | None:

@@ -1,6 +1,7 @@
 """The default "scale" sensitivity mode (issue 10) and the rule fixes found on real models."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -346,3 +347,48 @@ def test_no_frozen_layers_after_a_few_steps(mode, bound):
            for n, p in model.named_parameters() if n in before}
     assert min(rel.values()) > 0
     assert max(rel.values()) / min(rel.values()) < bound, rel
+
+
+class FusedGQA(nn.Module):
+    """One projection for q (4 heads) and k, v (1 head each): unequal parts 64 + 16 + 16."""
+
+    def __init__(self, transposed: bool = False) -> None:
+        super().__init__()
+        self.transposed = transposed
+        self.qkv = nn.Parameter(torch.randn(64, 96) / 8 if transposed else torch.randn(96, 64) / 8)
+        self.o = nn.Linear(64, 64, bias=False)
+
+    def forward(self, x):
+        h = x @ self.qkv if self.transposed else F.linear(x, self.qkv)
+        q, k, v = h.split([64, 16, 16], dim=-1)
+        b, t, _ = x.shape
+        q = q.view(b, t, 4, 16).transpose(1, 2)
+        k, v = (z.view(b, t, 1, 16).transpose(1, 2).expand(b, 4, t, 16) for z in (k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, 64))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_projection_with_unequal_parts_is_orthogonalized_per_part(transposed, tmp_path):
+    from normgraph.dual import dualize_atom
+    from normgraph.layout import atom_norm
+    model = FusedGQA(transposed)
+    x = torch.randn(2, 5, 64)
+    ng = normgraph.analyze(model, (x,))
+    atom = ng.atoms["qkv"]
+    assert atom.kind == "linear" and "64 + 16 + 16" in atom.note
+    assert [(p["start"], p["size"]) for p in atom.options["parts"]] == [(0, 64), (64, 16), (80, 16)]
+    opt = normgraph.compile(model, (x,), compile_mode="eager", orthogonalizer="svd")
+    g = torch.randn(atom.shape, dtype=torch.float64).float()
+    u = opt.dualize([g, torch.randn(64, 64)])[0]
+    torch.testing.assert_close(u, dualize_atom(atom, g), rtol=1e-5, atol=1e-6)
+    assert atom_norm(atom, u) == pytest.approx(atom.budget, rel=1e-5)
+    dim = 1 if transposed else 0
+    for (start, size) in ((0, 64), (64, 16), (80, 16)):  # each part: all singular values equal
+        part = u.narrow(dim, start, size).double()
+        s = torch.linalg.svdvals(part)
+        assert float(s.max() / s.min()) == pytest.approx(1.0, rel=1e-5)
+        # RMS→RMS norm of the part as a (size × 64) map is the budget
+        assert math.sqrt(64 / size) * float(s.max()) == pytest.approx(atom.budget, rel=1e-5)
+    path = ng.save(tmp_path / "gqa.json")
+    assert normgraph.load(path).atoms["qkv"].options == atom.options
