@@ -72,9 +72,9 @@ class Scales:
 
     Inputs that are floating-point data have scale 1, integer inputs (token ids) 0,
     trainable parameters 1 (well-normed), except biases, which shift rather than scale and
-    count 0 in a sum; constants (buffers, masks, RoPE tables) are not activations: they
-    count as factors by their largest entry where the tensor is known (a stored `sqrt(d)`), else
-1, and 0 as summands.
+    count 0 in a sum; constants (buffers, masks, RoPE tables) are not activations: as
+    factors they count their largest entry where the tensor is known (a stored `sqrt(d)`),
+    else 1; as summands, 0.
     """
 
     def __init__(self, graph: fx.Graph, live: set[fx.Node], params: Mapping[fx.Node, str],
