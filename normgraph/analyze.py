@@ -11,6 +11,7 @@ The pass is four plain functions over the captured graph:
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Mapping
 
@@ -446,8 +447,8 @@ def apply_masses(atoms: dict[str, Atom], masses: Mapping[str, float]) -> None:
                          f"parameters: {', '.join(names[:12])}{' …' if len(names) > 12 else ''})")
     for key, group in governed.items():
         total = float(masses[key])
-        if total < 0:
-            raise ValueError(f"masses[{key!r}] = {total}: masses must be non-negative")
+        if not (math.isfinite(total) and total >= 0):
+            raise ValueError(f"masses[{key!r}] = {total}: masses must be finite and non-negative")
         own = sum(a.mass for a in group)
         for a in group:
             a.mass = total * a.mass / own if own > 0 else total / len(group)

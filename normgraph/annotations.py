@@ -199,8 +199,13 @@ def _is_shape(v: Any) -> bool:
     return isinstance(v, list) and all(_is_int(s) and s >= 0 for s in v)
 
 
+def _is_finite(v: Any) -> bool:
+    return _is_number(v) and math.isfinite(v)
+
+
 def _is_nonneg(v: Any) -> bool:
-    return _is_number(v) and v >= 0 and not math.isnan(v)
+    """A finite number ≥ 0 (JSON's `Infinity` and `NaN` parse, but are no mass)."""
+    return _is_finite(v) and v >= 0
 
 
 #: field → (check, what it must be). Fields the lead adds to `Atom` later accept any JSON value.
@@ -210,10 +215,10 @@ ATOM_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "shape": (_is_shape, "a list of non-negative integers"),
     "dtype": (lambda v: isinstance(v, str) and v != "", "a dtype name such as 'float32'"),
     "norm": (lambda v: isinstance(v, str), "a string"),
-    "mass": (_is_nonneg, "a non-negative number"),
-    "sensitivity": (_is_number, "a number"),
-    "downstream": (_is_nonneg, "a non-negative number"),
-    "budget": (_is_number, "a number"),
+    "mass": (_is_nonneg, "a finite non-negative number"),
+    "sensitivity": (_is_finite, "a finite number"),
+    "downstream": (_is_nonneg, "a finite non-negative number"),
+    "budget": (_is_finite, "a finite number"),
     "dual": (lambda v: isinstance(v, str) and v != "", "a duality-map name such as 'orthogonalize'"),
     "fan_in": (_is_opt_int, "an integer or null"),
     "fan_out": (_is_opt_int, "an integer or null"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import math
 import sys
 import traceback
 from pathlib import Path
@@ -108,6 +109,8 @@ def parse_masses(items: Sequence[str]) -> dict[str, float] | None:
                 masses[key.strip()] = float(value)
             except ValueError:
                 raise CLIError(f"bad --masses entry {part!r}: expected NAME=NUMBER such as blocks=5") from None
+            if not (math.isfinite(masses[key.strip()]) and masses[key.strip()] >= 0):
+                raise CLIError(f"bad --masses entry {part!r}: a mass must be a finite number >= 0")
     return masses or None
 
 

@@ -42,9 +42,10 @@ class NormGraphOptimizer(torch.optim.Optimizer):
                  ns_coefficients: str | Sequence = "quintic", compute_dtype: torch.dtype | None = None,
                  ns_method: str = "auto", compile_mode: str = "default",
                  backend: str | None = "inductor") -> None:
-        if lr < 0 or not 0 <= momentum < 1 or weight_decay < 0:
-            raise ValueError(f"need lr >= 0, 0 <= momentum < 1, weight_decay >= 0; got lr={lr}, "
-                             f"momentum={momentum}, weight_decay={weight_decay}")
+        if not (math.isfinite(lr) and lr >= 0 and 0 <= momentum < 1
+                and math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"need a finite lr >= 0, 0 <= momentum < 1, a finite weight_decay >= 0; "
+                             f"got lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
         named = dict(params.named_parameters() if isinstance(params, torch.nn.Module) else params)
         self.norm_graph = norm_graph
         self.map_options: dict[str, Any] = dict(

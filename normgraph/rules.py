@@ -68,8 +68,8 @@ def register_kind(kind: str, *, dual: str, norm: str, mass: float) -> None:
     """
     if dual not in DUALS:
         raise ValueError(f"register_kind({kind!r}): unknown duality map {dual!r}; use one of {DUALS}")
-    if not mass >= 0:
-        raise ValueError(f"register_kind({kind!r}): mass must be >= 0, got {mass}")
+    if not (math.isfinite(mass) and mass >= 0):
+        raise ValueError(f"register_kind({kind!r}): mass must be a finite number >= 0, got {mass}")
     DUAL_OF_KIND[kind], NORM_OF_KIND[kind], DEFAULT_MASS[kind] = dual, norm, float(mass)
 
 

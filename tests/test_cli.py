@@ -177,6 +177,8 @@ def test_export_graph_formats(workdir, monkeypatch, capsys, fmt, check):
     (["inspect", "tinymodels:build_model", "--input-shape", "2,5"], ["rejected the example inputs", "float32"]),
     (["inspect", "tinymodels:mlp", "--input-shape", "2,x"], ["bad --input-shape '2,x'"]),
     (["inspect", "tinymodels:mlp", "--masses", "blocks"], ["bad --masses entry 'blocks'"]),
+    (["inspect", "tinymodels:mlp", "--masses", "blocks=nan"], ["bad --masses entry 'blocks=nan'", "finite"]),
+    (["inspect", "tinymodels:mlp", "--masses", "blocks=inf"], ["bad --masses entry 'blocks=inf'", "finite"]),
     (["inspect", "tinymodels:mlp", "--input-shape", "2,3", "--masses", "nope=1"], ["match no trainable parameter"]),
     (["inspect", "missing.json"], ["file not found: missing.json"]),
     (["export", "tinymodels:mlp", "-o", "x.onnx"], ["needs example inputs"]),
