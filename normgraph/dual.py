@@ -164,6 +164,7 @@ def newton_schulz(x: torch.Tensor, steps: int = 5, coefficients: str | Sequence 
         y = y.mT
     batch_shape = y.shape[:-2]
     y = y.reshape(-1, *y.shape[-2:])
+    y = unit_max(y, dim=(-2, -1))  # huge entries would overflow the Frobenius norm to a zero update
     norm = torch.linalg.matrix_norm(y, keepdim=True, dtype=torch.promote_types(y.dtype, torch.float32))
     y = y / (norm * safety + eps).to(y.dtype)
     if use_gram(*y.shape[-2:], y.dtype, method):
@@ -225,18 +226,29 @@ def check_atom(atom: Atom) -> None:
                                  f"{sub.shape}; re-run normgraph.analyze")
 
 
+def unit_max(x: torch.Tensor, dim: tuple[int, ...] | int | None = None) -> torch.Tensor:
+    """x divided by its largest |entry| (over `dim`, all-zero slices stay 0): squaring it can
+    neither overflow (fp16 above 256, fp32 above 1e19) nor underflow to a zero norm."""
+    top = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
+    return x / torch.where(top > 0, top, torch.ones_like(top))
+
+
 def row_normalize(g: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
-    """Each row (one embedding vector) scaled to RMS 1; all-zero rows stay 0."""
-    rows = g.reshape(g.shape[0], -1)
-    rms = rows.pow(2).mean(dim=1, keepdim=True).sqrt()
+    """Each row (one embedding vector) scaled to RMS 1; all-zero rows stay 0. Computed in
+    float32 or wider after scaling each row by its largest entry, so any finite gradient in
+    any dtype gives rows of RMS exactly 1 (no overflow to a zero update)."""
+    rows = unit_max(g.reshape(g.shape[0], -1), dim=1)
+    wide = rows.to(torch.promote_types(rows.dtype, torch.float32))
+    rms = wide.pow(2).mean(dim=1, keepdim=True).sqrt()
     safe = torch.where(rms > eps, rms, torch.ones_like(rms))
-    return (rows / safe).reshape(g.shape)
+    return (wide / safe).to(g.dtype).reshape(g.shape)
 
 
 def rms_normalize(g: torch.Tensor) -> torch.Tensor:
-    """Whole tensor scaled to RMS 1; a zero tensor stays 0."""
-    rms = g.pow(2).mean().sqrt()
-    return g / torch.where(rms > 0, rms, torch.ones_like(rms))
+    """Whole tensor scaled to RMS 1; a zero tensor stays 0 (overflow-safe as `row_normalize`)."""
+    wide = unit_max(g).to(torch.promote_types(g.dtype, torch.float32))
+    rms = wide.pow(2).mean().sqrt()
+    return (wide / torch.where(rms > 0, rms, torch.ones_like(rms))).to(g.dtype)
 
 
 def dualize_atom(atom: Atom, grad: torch.Tensor, *, orthogonalizer: str = "svd", ns_steps: int = 5,

@@ -43,3 +43,30 @@ def test_non_finite_optimizer_hyperparameters_are_refused(kw):
 def test_register_kind_refuses_an_infinite_mass():
     with pytest.raises(ValueError, match="finite"):
         normgraph.register_kind("strange", dual="rms_normalize", norm="RMS", mass=math.inf)
+
+
+@pytest.mark.parametrize("dtype, big", [(torch.float16, 300.0), (torch.float32, 1e20), (torch.bfloat16, 1e30)])
+def test_large_gradients_give_full_size_updates_not_zero(dtype, big):
+    """Squaring 300 overflows fp16 (and 1e20 fp32): the duals used to return exactly 0."""
+    from normgraph import dual
+    g = torch.full((3, 5), big, dtype=dtype)
+    g[0, 0] = -big
+    for out in (dual.rms_normalize(g), dual.row_normalize(g)):
+        assert out.dtype == dtype
+        assert out.float().pow(2).mean().sqrt().item() == pytest.approx(1.0, rel=1e-2)
+    m = torch.randn(2, 4, 6, dtype=torch.float32) * big if dtype == torch.float32 else torch.randn(2, 4, 6)
+    sigma = torch.linalg.matrix_norm(dual.newton_schulz(m, 5), 2)
+    assert bool((sigma > 0.5).all() and (sigma < 1.5).all())
+
+
+def test_fp16_model_with_a_huge_gradient_still_updates_every_parameter():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)).half()
+    opt = normgraph.compile(model, (torch.randn(2, 4).half(),), lr=0.1, compile_mode="eager")
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1000.0)  # a static loss scale: finite in fp16, squares overflow
+    opt.step()
+    assert not opt.last_step_skipped
+    for (name, p), b in zip(model.named_parameters(), before):
+        assert (p.detach() - b).abs().max().item() > 0, name
