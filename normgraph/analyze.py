@@ -358,9 +358,10 @@ def _graph_atoms(trainable: Mapping[str, torch.Tensor],
     atoms: dict[str, Atom] = {}
     for name, p in trainable.items():
         specs = uses[name]
-        if not specs:
-            atoms[name] = _atom(name, p, AtomSpec("fallback", note="never reached by the graph"), 1.0, [])
-            diag.fallbacks[name] = "never reached by the captured graph; " + FALLBACK_NOTE
+        if not specs:  # unused: no share of the mass (the others' budgets must not shrink)
+            atoms[name] = _atom(name, p, AtomSpec("fallback", note="never used by the captured graph"), 1.0, [])
+            atoms[name].mass = 0.0
+            diag.unreached.append(name)
             continue
         spec = _choose(name, specs, kinds.get(name))
         d = _combine([D[n] * (atom_gain(u, spec.kind, scales) if scales is not None and u is not None else 1.0)
@@ -373,10 +374,10 @@ def _graph_atoms(trainable: Mapping[str, torch.Tensor],
                             f"{'first use' if name not in kinds else 'kind set in kinds='}, D summed")
         if spec.kind == "fallback":
             diag.fallbacks[name] = f"{spec.note}; {FALLBACK_NOTE}"
-        if d == 0.0:
+        atoms[name] = _atom(name, p, spec, d if d > 0.0 else 1.0, nodes)
+        if d == 0.0:  # used, but nothing it does reaches an output: no share of the mass either
             diag.unreached.append(name)
-            d = 1.0
-        atoms[name] = _atom(name, p, spec, d, nodes)
+            atoms[name].mass = 0.0
     return atoms
 
 

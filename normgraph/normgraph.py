@@ -94,7 +94,7 @@ class Diagnostics:
         for name, uses in self.tied.items():
             out.append(f"tied parameter {name}: used by {', '.join(uses)}")
         if self.unreached:
-            out.append(f"not reaching the output: {', '.join(self.unreached)}")
+            out.append(f"not reaching the output (mass 0, never updated): {', '.join(self.unreached)}")
         out.extend(self.notes)
         return out
 

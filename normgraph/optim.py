@@ -73,7 +73,36 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         if name not in self.norm_graph.atoms:
             raise ValueError(f"param group {name!r} has no atom in the norm graph: every group must be one "
                              "parameter with a 'name' that normgraph.analyze produced")
+        if any(g["name"] == name for g in getattr(self, "param_groups", [])):
+            raise ValueError(f"parameter {name!r} already has a param group in this optimizer; each atom "
+                             "is one group (change its lr with opt.group(name)['lr'] = ...)")
+        params = param_group["params"]
+        tensors = [params] if isinstance(params, torch.Tensor) else list(params)
+        atom = self.norm_graph.atoms[name]
+        if len(tensors) != 1 or tuple(tensors[0].shape) != tuple(atom.shape):
+            shapes = [tuple(t.shape) for t in tensors]
+            raise ValueError(f"param group {name!r} must hold exactly the one tensor of that atom, of shape "
+                             f"{atom.shape}; got {len(tensors)} tensor(s) of shape(s) {shapes}")
         super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load by parameter name, not by position: groups saved in another order are matched
+        to the same parameters; a state dict naming other parameters is refused, listing them."""
+        saved = state_dict["param_groups"]
+        names = [g.get("name") for g in saved]
+        mine = [g["name"] for g in self.param_groups]
+        if sorted(map(str, names)) != sorted(mine) or len(set(names)) != len(names):
+            missing = sorted(set(mine) - set(names))
+            extra = sorted(set(map(str, names)) - set(mine))
+            raise ValueError("this state dict is for other parameters: "
+                             + "; ".join(part for part in (
+                                 f"missing {missing[:5]}{' …' if len(missing) > 5 else ''}" if missing else "",
+                                 f"unknown {extra[:5]}{' …' if len(extra) > 5 else ''}" if extra else "",
+                                 "duplicate names" if len(set(names)) != len(names) else "") if part))
+        if names != mine:  # same parameters, another order: reorder the saved groups to ours
+            by_name = {g["name"]: g for g in saved}
+            state_dict = {**state_dict, "param_groups": [by_name[n] for n in mine]}
+        super().load_state_dict(state_dict)
 
     def atom(self, index: int) -> Atom:
         return self.norm_graph.atoms[self.param_groups[index]["name"]]

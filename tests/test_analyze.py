@@ -215,7 +215,8 @@ def test_zoo_kinds_and_exclusions(zoo_graph):
     assert ng.atoms["conv.weight"].options["matrix"] == [2 * 9, 4, 2]     # groups × positions
     assert ng.atoms["dw.weight"].options["matrix"] == [8 * 9, 1, 1]
     assert ng.atoms["ct.weight"].options["matrix"] == [2 * 4, 2, 4]
-    assert "unused" in ng.diagnostics.fallbacks
+    assert "unused" in ng.diagnostics.unreached and "unused" not in ng.diagnostics.fallbacks
+    assert ng.atoms["unused"].mass == 0.0 and ng.atoms["unused"].budget == 0.0
 
 
 def _svd_norm_linear(w: torch.Tensor) -> float:

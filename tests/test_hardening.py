@@ -70,3 +70,56 @@ def test_fp16_model_with_a_huge_gradient_still_updates_every_parameter():
     assert not opt.last_step_skipped
     for (name, p), b in zip(model.named_parameters(), before):
         assert (p.detach() - b).abs().max().item() > 0, name
+
+
+class Two(nn.Module):
+    """The same layers, registered in either order (same names, same shapes)."""
+
+    def __init__(self, reverse: bool = False) -> None:
+        super().__init__()
+        if reverse:
+            self.emb = nn.Embedding(8, 4)
+            self.lin = nn.Linear(4, 4, bias=False)
+        else:
+            self.lin = nn.Linear(4, 4, bias=False)
+            self.emb = nn.Embedding(8, 4)
+
+    def forward(self, ids):
+        return self.lin(self.emb(ids))
+
+
+def _stepped(model: nn.Module):
+    ids = torch.randint(0, 8, (2, 3))
+    opt = normgraph.compile(model, (ids,), compile_mode="eager")
+    model(ids).square().mean().backward()
+    opt.step()
+    return opt
+
+
+def test_load_state_dict_matches_groups_by_name_not_position():
+    torch.manual_seed(0)
+    a = _stepped(Two())
+    b = normgraph.compile(Two(reverse=True), (torch.randint(0, 8, (2, 3)),), compile_mode="eager")
+    assert [g["name"] for g in a.param_groups] != [g["name"] for g in b.param_groups]
+    b.load_state_dict(a.state_dict())
+    for name in ("lin.weight", "emb.weight"):
+        pa, pb = a.group(name)["params"][0], b.group(name)["params"][0]
+        torch.testing.assert_close(b.state[pb]["momentum_buffer"], a.state[pa]["momentum_buffer"])
+        assert b.group(name)["name"] == name
+    assert [g["name"] for g in b.param_groups] == ["emb.weight", "lin.weight"]  # order kept
+
+
+def test_load_state_dict_of_other_parameters_is_refused():
+    a = _stepped(Two())
+    other = normgraph.compile(mlp(), (torch.randn(2, 4),), compile_mode="eager")
+    with pytest.raises(ValueError, match=r"other parameters: missing \['0.weight', '2.weight'\]; unknown"):
+        other.load_state_dict(a.state_dict())
+
+
+def test_add_param_group_checks_the_name_and_the_tensor():
+    model = Two()
+    opt = normgraph.compile(model, (torch.randint(0, 8, (2, 3)),), compile_mode="eager")
+    with pytest.raises(ValueError, match="already has a param group"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4, 4))], "name": "lin.weight"})
+    with pytest.raises(ValueError, match="no atom"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4, 4))], "name": "nope"})
