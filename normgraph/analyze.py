@@ -66,10 +66,11 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         raise ValueError(f"sensitivity={sensitivity!r}: expected one of {SENSITIVITY_MODES}")
     if conv_mode not in ("positional", "flatten"):
         raise ValueError(f"conv_mode={conv_mode!r}: expected 'positional' or 'flatten'")
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad and p.numel() > 0}
     if not trainable:
         raise ValueError(f"{type(model).__name__} has no trainable parameters "
-                         "(all are frozen or it has none): nothing to optimize")
+                         "(all are frozen, empty, or it has none): nothing to optimize")
+    _refuse_unsupported(trainable)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     elif example_inputs is not None and not isinstance(example_inputs, tuple):
@@ -110,6 +111,20 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         else:
             graph.add_node(atom.name, **_atom_attrs(atom))
     return NormGraph(atoms, graph, diag)
+
+
+def _refuse_unsupported(trainable: Mapping[str, torch.Tensor]) -> None:
+    """Parameters the duality maps would silently damage: say so before anything runs."""
+    complex_ = [n for n, p in trainable.items() if p.is_complex()]
+    if complex_:
+        raise ValueError(f"complex parameters are not supported (their updates would lose the imaginary "
+                         f"part): {', '.join(complex_[:5])}; store them as real pairs (torch.view_as_real) "
+                         "or optimize them with another optimizer")
+    meta = [n for n, p in trainable.items() if p.is_meta]
+    if meta:
+        raise ValueError(f"parameters {', '.join(meta[:3])}{' …' if len(meta) > 3 else ''} are on the meta "
+                         "device (no data): build the optimizer after model.to_empty(device=...) and "
+                         "loading or initialising the weights")
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,6 +324,8 @@ def classify(cap: Captured, trainable: Mapping[str, torch.Tensor], conv_mode: st
     reached. The use is None inside an opaque module."""
     found: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]] = {name: [] for name in trainable}
     for node, name in cap.params.items():
+        if name not in trainable:  # an empty parameter: nothing to update
+            continue
         shape = tuple(trainable[name].shape)
         for use, odd in _uses_of(node, shape, cap.modules, conv_mode, split_packed):
             rule = ATOM_RULES.get(use.op)
@@ -374,10 +391,10 @@ def _graph_atoms(trainable: Mapping[str, torch.Tensor],
                             f"{'first use' if name not in kinds else 'kind set in kinds='}, D summed")
         if spec.kind == "fallback":
             diag.fallbacks[name] = f"{spec.note}; {FALLBACK_NOTE}"
-        atoms[name] = _atom(name, p, spec, d if d > 0.0 else 1.0, nodes)
-        if d == 0.0:  # used, but nothing it does reaches an output: no share of the mass either
+        if d == 0.0:  # used, but no bond rule sees a path to an output: downstream taken as 1
             diag.unreached.append(name)
-            atoms[name].mass = 0.0
+            d = 1.0
+        atoms[name] = _atom(name, p, spec, d, nodes)
     return atoms
 
 

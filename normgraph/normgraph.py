@@ -94,7 +94,8 @@ class Diagnostics:
         for name, uses in self.tied.items():
             out.append(f"tied parameter {name}: used by {', '.join(uses)}")
         if self.unreached:
-            out.append(f"not reaching the output (mass 0, never updated): {', '.join(self.unreached)}")
+            out.append(f"not reaching the output (unused ones have mass 0; used ones downstream 1): "
+                       f"{', '.join(self.unreached)}")
         out.extend(self.notes)
         return out
 

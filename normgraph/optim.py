@@ -154,6 +154,10 @@ class NormGraphOptimizer(torch.optim.Optimizer):
             return loss
         params = [self.param_groups[i]["params"][0] for i in live]
         grads = [p.grad for p in params]
+        sparse = [self.param_groups[i]["name"] for i, g in zip(live, grads) if g.is_sparse]
+        if sparse:
+            raise RuntimeError(f"normgraph: sparse gradients are not supported ({', '.join(sparse[:3])}): "
+                               "build the layer with sparse=False (nn.Embedding(..., sparse=False))")
         if not _all_finite(grads):
             self._skip([self.param_groups[i]["name"] for i, g in zip(live, grads) if not torch.isfinite(g).all()])
             return loss
@@ -215,6 +219,12 @@ def _all_finite(grads: list[torch.Tensor]) -> bool:
 def _trainable(named: dict[str, torch.nn.Parameter], ng: NormGraph) -> list[tuple[str, torch.nn.Parameter]]:
     """Atoms' parameters that require grad, in atom order; clear errors for mismatches."""
     missing = [n for n in ng.atoms if n not in named]
+    if missing and len(missing) < len(ng.atoms):
+        raise ValueError(f"parameters {missing[:5]}{' …' if len(missing) > 5 else ''} are in the norm graph but "
+                         "not among the parameters given. If you passed a subset: pass all of "
+                         "model.named_parameters() (freeze the others with requires_grad_(False) and re-run "
+                         "normgraph.analyze), or analyze the submodule you optimize. If the annotations come "
+                         "from another model: re-run normgraph.analyze(model)")
     if missing:
         raise ValueError(f"parameters {missing[:5]} are in the norm graph but not in the model; the "
                          "annotations belong to another model: re-run normgraph.analyze(model)")
@@ -222,7 +232,7 @@ def _trainable(named: dict[str, torch.nn.Parameter], ng: NormGraph) -> list[tupl
         if tuple(named[name].shape) != tuple(atom.shape):
             raise ValueError(f"parameter {name!r} has shape {tuple(named[name].shape)} but its atom says "
                              f"{tuple(atom.shape)}; re-run normgraph.analyze(model)")
-    uncovered = [n for n, p in named.items() if p.requires_grad and n not in ng.atoms]
+    uncovered = [n for n, p in named.items() if p.requires_grad and p.numel() and n not in ng.atoms]
     if uncovered:
         warnings.warn(f"normgraph: trainable parameters without an atom are NOT optimized: {uncovered[:5]}"
                       f"{' ...' if len(uncovered) > 5 else ''}; re-run analyze or optimize them separately",

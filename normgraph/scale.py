@@ -338,13 +338,15 @@ def _matrix_bond(b: BondInput, S: Scales) -> float:
 
 def _attention_bond(b: BondInput, S: Scales) -> float:
     """q, k and v count 1/3 each: attention as one well-normed module of sensitivity 1 (a
-    convex combination of values), not three. q and k enter in relative terms."""
+    convex combination of values), not three. q and k enter in relative terms; a live additive
+    mask (a learned position bias) like the logits, S(v)/3. Constant masks carry no D (not live)."""
     if b.key in ("value", 2):
         return 1.0 / 3.0
     if b.key in ("query", "key", 0, 1):
         s = S(b.input)
         return S(ops.arg(b.args, "value", 2)) / (3.0 * s) if s > 0 else 1.0 / 3.0
-    return 0.0  # masks
+    # an additive float mask (T5's learned position bias) enters the logits unscaled
+    return S(ops.arg(b.args, "value", 2)) / 3.0
 
 
 def _summed_bond(b: BondInput, S: Scales) -> float:

@@ -123,3 +123,64 @@ def test_add_param_group_checks_the_name_and_the_tensor():
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4, 4))], "name": "lin.weight"})
     with pytest.raises(ValueError, match="no atom"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4, 4))], "name": "nope"})
+
+
+def test_empty_parameters_are_skipped_not_a_crash():
+    model = nn.Sequential(nn.Linear(4, 0), nn.Linear(0, 3), nn.Linear(4, 2))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            return self.m[2](x) + self.m[1](self.m[0](x)).sum() * 0
+
+    net = Net()
+    opt = normgraph.compile(net, (torch.randn(2, 4),), compile_mode="eager")
+    assert all(a.shape and min(a.shape) > 0 for a in opt.norm_graph.atoms.values())
+    net(torch.randn(2, 4)).sum().backward()
+    opt.step()
+
+
+def test_complex_parameters_are_refused_at_analysis():
+    class C(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))
+
+        def forward(self, x):
+            return (x.to(torch.complex64) @ self.w).real
+
+    with pytest.raises(ValueError, match="complex parameters are not supported.*view_as_real"):
+        normgraph.analyze(C(), (torch.randn(2, 3),))
+
+
+def test_sparse_gradients_get_a_clear_error():
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+    ids = torch.randint(0, 10, (2, 3))
+    opt = normgraph.compile(model, (ids,), compile_mode="eager")
+    model(ids).sum().backward()
+    with pytest.raises(RuntimeError, match=r"sparse gradients are not supported \(0.weight\).*sparse=False"):
+        opt.step()
+
+
+def test_meta_device_model_is_refused_then_works_after_to_empty():
+    with torch.device("meta"):
+        model = mlp()
+    with pytest.raises(ValueError, match="meta device.*to_empty"):
+        normgraph.compile(model, (torch.randn(2, 4, device="meta"),), compile_mode="eager")
+    model = model.to_empty(device="cpu")
+    for p in model.parameters():
+        nn.init.normal_(p)
+    opt = normgraph.compile(model, (torch.randn(2, 4),), compile_mode="eager")
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+
+
+def test_a_subset_of_the_parameters_gets_a_clear_message():
+    model = mlp()
+    ng = normgraph.analyze(model, (torch.randn(2, 4),))
+    subset = [(n, p) for n, p in model.named_parameters() if n.startswith("0.")]
+    with pytest.raises(ValueError, match="not among the parameters given"):
+        normgraph.NormGraphOptimizer(subset, ng)
