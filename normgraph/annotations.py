@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import networkx as nx
 
+from .layout import view_problem
 from .normgraph import Atom, Diagnostics, NormGraph
 
 SCHEMA = "normgraph.annotations/1"
@@ -170,7 +171,7 @@ def from_dict(doc: Any, where: str = "") -> NormGraph:
         _check(isinstance(doc["graph"], dict), where, "graph", "a node-link object", doc["graph"])
         try:
             graph = graph_from_dict(doc["graph"])
-        except (KeyError, TypeError, nx.NetworkXError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, nx.NetworkXError) as e:
             raise AnnotationError(f"{where}graph: not node-link data ({type(e).__name__}: {e})") from None
     ng = NormGraph(atoms, graph, diagnostics)
     recompute_budgets(ng, stored_total, where)
@@ -217,7 +218,7 @@ ATOM_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "norm": (lambda v: isinstance(v, str), "a string"),
     "mass": (_is_nonneg, "a non-negative number, finite"),
     "sensitivity": (_is_finite, "a number, finite"),
-    "downstream": (_is_nonneg, "a non-negative number, finite"),
+    "downstream": (lambda v: _is_finite(v) and v > 0, "a positive number, finite (budget = mass / total_mass / downstream)"),
     "budget": (_is_finite, "a number, finite"),
     "dual": (lambda v: isinstance(v, str) and v != "", "a duality-map name such as 'orthogonalize'"),
     "fan_in": (_is_opt_int, "an integer or null"),
@@ -278,7 +279,12 @@ def atom_from_dict(item: Any, where: str = "", at: str = "atom") -> Atom:
         if name in ATOM_CHECKS:
             check, what = ATOM_CHECKS[name]
             _check(check(value), where, f"{at}.{name}", what, value)
-    return Atom(**item)
+    atom = Atom(**item)
+    if "matrix" in atom.options or "parts" in atom.options:  # (a missing view is refused at compile)
+        problem = view_problem(atom)
+        if problem:
+            raise AnnotationError(f"{where}{at}.options: {problem}")
+    return atom
 
 
 def diagnostics_from_dict(item: Any, where: str = "") -> Diagnostics:

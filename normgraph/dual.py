@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .layout import as_matrices, atom_parts, from_matrices
+from .layout import as_matrices, atom_parts, from_matrices, view_problem
 from .normgraph import Atom
 
 Coefficients = tuple[tuple[float, float, float], ...]
@@ -218,12 +218,9 @@ def check_atom(atom: Atom) -> None:
         if not all("matrix" in v for v in views):
             raise ValueError(f"parameter {atom.name!r}: kind {atom.kind!r} is orthogonalized but its "
                              "atom has no matrix view; build options with layout.matrix_options(...)")
-        for where, sub in atom_parts(atom):
-            b, r, c = sub.options["matrix"]
-            if b * r * c != math.prod(sub.shape):
-                raise ValueError(f"parameter {atom.name!r}: its matrix view {sub.options['matrix']} does "
-                                 f"not cover {'part ' + str(where) + ' of ' if where else ''}shape "
-                                 f"{sub.shape}; re-run normgraph.analyze")
+        problem = view_problem(atom)
+        if problem:
+            raise ValueError(f"parameter {atom.name!r}: {problem}; re-run normgraph.analyze")
 
 
 def unit_max(x: torch.Tensor, dim: tuple[int, ...] | int | None = None) -> torch.Tensor:

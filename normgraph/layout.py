@@ -60,6 +60,37 @@ def atom_parts(atom: Atom) -> list[tuple[tuple[int, int, int] | None, Atom]]:
     return out
 
 
+def view_problem(atom: Atom) -> str | None:
+    """Why `atom`'s matrix view(s) cannot be applied to a tensor of its shape, or None.
+
+    Checked where annotations enter (load, codegen), so a hand-edited view fails there with
+    the parameter's name instead of inside the generated code at the first step."""
+    parts = atom.options.get("parts")
+    if parts is not None:
+        if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) for p in parts):
+            return "options.parts must be a non-empty list of objects"
+        dims = {p.get("dim") for p in parts}
+        if len(dims) != 1 or not isinstance(next(iter(dims)), int) or not 0 <= next(iter(dims)) < len(atom.shape):
+            return f"options.parts must all split one dim of the shape {atom.shape}"
+        dim, start = next(iter(dims)), 0
+        for p in parts:
+            if p.get("start") != start or not isinstance(p.get("size"), int) or p["size"] <= 0:
+                return f"options.parts must tile dim {dim} from 0 without gaps (part at {p.get('start')})"
+            start += p["size"]
+        if start != atom.shape[dim]:
+            return f"options.parts cover {start} of the {atom.shape[dim]} entries of dim {dim}"
+    for _, sub in atom_parts(atom):
+        o, n = sub.options, math.prod(sub.shape)
+        pre, perm, mat = o.get("pre_shape"), o.get("perm"), o.get("matrix")
+        if not all(isinstance(v, list) and all(isinstance(x, int) and x >= 0 for x in v) for v in (pre, perm, mat)):
+            return f"{sub.name}: options need integer lists pre_shape, perm and matrix"
+        if len(mat) != 3 or math.prod(mat) != n or math.prod(pre) != n:
+            return f"{sub.name}: matrix view {mat} / pre_shape {pre} do not hold the {n} entries of shape {sub.shape}"
+        if sorted(perm) != list(range(len(pre))):
+            return f"{sub.name}: perm {perm} is not a permutation of the {len(pre)} dims of pre_shape"
+    return None
+
+
 def atom_norm(atom: Atom, t: torch.Tensor) -> float:
     """Exact operator norm of `t` in `atom`'s norm (SVD reference, for tests and users)."""
     if atom.options.get("parts"):  # the norm of a split atom: the largest of its parts'

@@ -184,3 +184,26 @@ def test_a_subset_of_the_parameters_gets_a_clear_message():
     subset = [(n, p) for n, p in model.named_parameters() if n.startswith("0.")]
     with pytest.raises(ValueError, match="not among the parameters given"):
         normgraph.NormGraphOptimizer(subset, ng)
+
+
+def _saved(tmp_path, edit):
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    ng = normgraph.analyze(model, (torch.randn(2, 4),))
+    doc = json.loads(ng.save(tmp_path / "a.json").read_text())
+    edit(doc)
+    (tmp_path / "b.json").write_text(json.dumps(doc))
+    return tmp_path / "b.json"
+
+
+def test_a_matrix_view_that_does_not_fit_the_shape_is_refused_at_load(tmp_path):
+    def edit(doc):
+        doc["atoms"][0]["options"]["matrix"] = [1, 4, 4]   # the weight is 6×4
+    with pytest.raises(AnnotationError, match=r"'0.weight'\)\.options: .*matrix view \[1, 4, 4\]"):
+        normgraph.load(_saved(tmp_path, edit))
+
+
+def test_downstream_zero_is_refused_not_a_misleading_budget_warning(tmp_path):
+    def edit(doc):
+        doc["atoms"][0]["downstream"] = 0
+    with pytest.raises(AnnotationError, match=r"downstream: expected a positive number"):
+        normgraph.load(_saved(tmp_path, edit))
