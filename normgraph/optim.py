@@ -152,6 +152,11 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         self.last_step_skipped = False
         if not live:
             return loss
+        bad_lr = [self.param_groups[i]["name"] for i in live if not math.isfinite(self.param_groups[i]["lr"])]
+        if bad_lr:  # a scheduler or a hand edit set it after construction
+            raise ValueError(f"normgraph: non-finite lr in the param group(s) of {', '.join(bad_lr[:3])}: "
+                             f"{self.group(bad_lr[0])['lr']}; "
+                             "nothing was changed")
         params = [self.param_groups[i]["params"][0] for i in live]
         grads = [p.grad for p in params]
         sparse = [self.param_groups[i]["name"] for i, g in zip(live, grads) if g.is_sparse]

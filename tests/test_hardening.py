@@ -62,7 +62,7 @@ def test_large_gradients_give_full_size_updates_not_zero(dtype, big):
 def test_fp16_model_with_a_huge_gradient_still_updates_every_parameter():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2)).half()
-    opt = normgraph.compile(model, (torch.randn(2, 4).half(),), lr=0.1, compile_mode="eager")
+    opt = normgraph.compile(model, (torch.randn(2, 4).half(),), lr=0.1, momentum=0.0, compile_mode="eager")
     before = [p.detach().clone() for p in model.parameters()]
     for p in model.parameters():
         p.grad = torch.full_like(p, 1000.0)  # a static loss scale: finite in fp16, squares overflow
@@ -207,3 +207,14 @@ def test_downstream_zero_is_refused_not_a_misleading_budget_warning(tmp_path):
         doc["atoms"][0]["downstream"] = 0
     with pytest.raises(AnnotationError, match=r"downstream: expected a positive number"):
         normgraph.load(_saved(tmp_path, edit))
+
+
+def test_a_non_finite_lr_set_after_construction_is_refused_at_step():
+    model = mlp()
+    opt = normgraph.compile(model, (torch.randn(2, 4),), compile_mode="eager")
+    opt.group("2.weight")["lr"] = math.inf  # e.g. a scheduler gone wrong
+    model(torch.randn(2, 4)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"non-finite lr .*2.weight.*inf; nothing was changed"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import normgraph
@@ -50,6 +50,8 @@ def atom_for(kind: str, shape: tuple[int, int]) -> Atom:
 
 @SETTINGS
 @given(g=gradients(), kind=st.sampled_from(["embedding", "gain", "bias"]))
+@example(g=torch.full((3, 4), 1000.0, dtype=torch.float16), kind="bias")     # squares overflow fp16
+@example(g=torch.full((3, 4), 1e25, dtype=torch.float32), kind="embedding")  # and fp32
 def test_elementwise_maps_are_finite_and_have_the_budget_as_norm(g, kind):
     atom = atom_for(kind, tuple(g.shape))
     u = dualize_atom(atom, g)
@@ -65,6 +67,8 @@ def test_elementwise_maps_are_finite_and_have_the_budget_as_norm(g, kind):
 
 @SETTINGS
 @given(g=gradients(), orthogonalizer=st.sampled_from(["svd", "newton-schulz"]))
+@example(g=torch.randn(4, 6) * 1e30, orthogonalizer="newton-schulz")
+@example(g=(torch.randn(4, 6) * 1e30).bfloat16(), orthogonalizer="newton-schulz")
 def test_orthogonalization_is_finite_and_has_the_budget_as_norm(g, orthogonalizer):
     atom = atom_for("linear", tuple(g.shape))
     u = dualize_atom(atom, g, orthogonalizer=orthogonalizer)
