@@ -161,7 +161,7 @@ def downstream(cap: Captured, scales: Scales | None = None) -> tuple[dict[fx.Nod
     for out in cap.outputs:
         D[out] += 1.0
     live = _live(cap)
-    rotations = rotary_joins(cap, live)
+    rotations = scales.rotations if scales is not None else rotary_joins(cap, live)
     assumed: dict[str, int] = {}
     for node in reversed(cap.graph.nodes):
         d = D[node] ** (1.0 / p)  # every use of `node` comes after it: its sum is complete

@@ -89,6 +89,7 @@ class Scales:
         #: values computed from parameters and constants only (`1 + w`, `w.float()`)
         self.weights: set[fx.Node] = set(params)
         rotations = rotations or {}
+        self.rotations: Mapping[fx.Node, fx.Node] = rotations
         for node in graph.nodes:
             inputs = [i for i in node.all_input_nodes if i in live]
             if node not in params and inputs and all(i in self.weights for i in inputs):
