@@ -93,8 +93,9 @@ def register_atom_rule(op: str, rule: AtomRule) -> None:
     ATOM_RULES[op] = rule
 
 
-def _splits(out_node: fx.Node, fan_out: int) -> int:
-    """Equal chunks a matrix op's output is split into along its last dim (packed QKV)."""
+def _output_users(out_node: fx.Node, fan_out: int):
+    """(user, canonical name, arguments) of a matrix op's output, looking through views that
+    keep its last dim (a few steps: the split of a packed projection is close by)."""
     frontier, steps = [out_node], 0
     while frontier and steps < 8:
         node = frontier.pop()
@@ -103,31 +104,29 @@ def _splits(out_node: fx.Node, fan_out: int) -> int:
             name, a = ops.op_name(user), ops.arguments(user)
             if name in ("view", "reshape") and _last_dim(user) == fan_out:
                 frontier.append(user)
-                continue
-            n = _equal_chunks(user, name, a, fan_out)
-            if n > 1:
-                return n
+            else:
+                yield user, name, a
+
+
+def _splits(out_node: fx.Node, fan_out: int) -> int:
+    """Equal chunks a matrix op's output is split into along its last dim (packed QKV)."""
+    for user, name, a in _output_users(out_node, fan_out):
+        n = _equal_chunks(user, name, a, fan_out)
+        if n > 1:
+            return n
     return 1
 
 
 def _unequal_parts(out_node: fx.Node, fan_out: int) -> list[int] | None:
     """Sizes of unequal chunks a matrix op's output is split into along its last dim (a fused
     q/k/v projection with fewer k/v heads: [64, 16, 16]); None when there are none."""
-    frontier, steps = [out_node], 0
-    while frontier and steps < 8:
-        node = frontier.pop()
-        steps += 1
-        for user in node.users:
-            name, a = ops.op_name(user), ops.arguments(user)
-            if name in ("view", "reshape") and _last_dim(user) == fan_out:
-                frontier.append(user)
-                continue
-            if name not in ("split", "split_with_sizes") or not _is_last(user, ops.arg(a, "dim", 2, 0)):
-                continue
-            size = a.get("split_size", a.get("split_size_or_sections", a.get("split_sizes", a.get(1))))
-            if (isinstance(size, (list, tuple)) and len(set(size)) > 1 and all(isinstance(n, int) for n in size)
-                    and sum(size) == fan_out):
-                return [int(n) for n in size]
+    for user, name, a in _output_users(out_node, fan_out):
+        if name not in ("split", "split_with_sizes") or not _is_last(user, ops.arg(a, "dim", 2, 0)):
+            continue
+        size = a.get("split_size", a.get("split_size_or_sections", a.get("split_sizes", a.get(1))))
+        if (isinstance(size, (list, tuple)) and len(set(size)) > 1 and all(isinstance(n, int) for n in size)
+                and sum(size) == fan_out):
+            return [int(n) for n in size]
     return None
 
 
