@@ -160,7 +160,7 @@ def downstream(cap: Captured, scales: Scales | None = None) -> tuple[dict[fx.Nod
     D: dict[fx.Node, float] = {n: 0.0 for n in cap.graph.nodes}  # Σ over uses of (s·D(use))^p
     for out in cap.outputs:
         D[out] += 1.0
-    live = _live(cap)
+    live = scales.live if scales is not None else _live(cap)
     rotations = scales.rotations if scales is not None else rotary_joins(cap, live)
     assumed: dict[str, int] = {}
     for node in reversed(cap.graph.nodes):
@@ -388,7 +388,7 @@ def _graph_atoms(trainable: Mapping[str, torch.Tensor],
             diag.tied[name] = [f"{s.kind} ({n.name})" for s, n, _ in specs]
             spec = AtomSpec(spec.kind, spec.fan_in, spec.fan_out, spec.options,
                             f"{spec.note}; shared by {len(specs)} ops: norm of the "
-                            f"{'first use' if name not in kinds else 'kind set in kinds='}, D summed")
+                            f"{'first use' if name not in kinds else 'kind set in kinds='}, D combined over its uses")
         if spec.kind == "fallback":
             diag.fallbacks[name] = f"{spec.note}; {FALLBACK_NOTE}"
         if d == 0.0:  # used, but no bond rule sees a path to an output: downstream taken as 1
