@@ -12,8 +12,8 @@ import time
 import torch
 
 import normgraph
-from normgraph.analyze import classify, downstream
-from normgraph.trace import capture
+from normgraph.analysis.analyze import classify, downstream
+from normgraph.analysis.trace import capture
 
 
 def main() -> None:

@@ -28,8 +28,10 @@ from collections.abc import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-from normgraph import codegen, dual, layout
-from normgraph.normgraph import Atom, NormGraph
+from normgraph import codegen
+from normgraph.codegen import dual
+from normgraph.core import layout
+from normgraph.core import Atom, NormGraph
 from normgraph.optim import NormGraphOptimizer
 
 
@@ -84,7 +86,7 @@ def main() -> None:
              for n, s in mats]
     grads = [p.grad for p in params]
     specs = [codegen.spec_of(g) for g in grads]
-    direct_flops = codegen.flops(atoms, args.steps, specs, ns_method="direct")
+    direct_flops = codegen.flops(atoms, specs=specs, ns_steps=args.steps, ns_method="direct")
 
     rows: list[tuple[str, float, float]] = []  # (label, seconds, matmul FLOPs it does)
     contenders = [(None, "auto")] + ([] if device.type == "cuda" else [(None, "direct"), (torch.bfloat16, "auto")])
@@ -92,8 +94,8 @@ def main() -> None:
         work = dual.compute_dtype(device, dt)
         form = "Gram form" if method == "auto" and dual.use_gram(768, 3072, work) else "direct"
         label = f"normgraph map ({work}, {form})".replace("torch.", "")
-        flops = codegen.flops(atoms, args.steps, specs, dtype=dt, ns_method=method)
-        _, fn = codegen.generate(atoms, specs=specs, ns_steps=args.steps, dtype=dt, ns_method=method)
+        flops = codegen.flops(atoms, specs=specs, ns_steps=args.steps, compute_dtype=dt, ns_method=method)
+        _, fn = codegen.generate(atoms, specs=specs, ns_steps=args.steps, compute_dtype=dt, ns_method=method)
         t0 = time.perf_counter()
         fn(grads)
         sync(device)
@@ -119,7 +121,7 @@ def main() -> None:
         tf = flops / t / 1e12
         print(f"| {label} | {t * 1e3:.1f} | {muon_t / t:.2f}× | {tf:.3f} | {tf / roof:.1%} |")
     print(f"# matmul FLOPs per call: direct form {direct_flops / 1e12:.3f} TFLOP, Gram form "
-          f"{codegen.flops(atoms, args.steps, specs, dtype=torch.float32, ns_method='auto') / 1e12:.3f} TFLOP"
+          f"{codegen.flops(atoms, specs=specs, ns_steps=args.steps, compute_dtype=torch.float32, ns_method='auto') / 1e12:.3f} TFLOP"
           f"; bf16 matmul roofline measured in this run: {roof:.2f} TFLOP/s")
 
 

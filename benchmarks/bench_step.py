@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 import normgraph
-from normgraph.models import GPT, GPTConfig, loss_fn
+from normgraph.demo.models import GPT, GPTConfig, loss_fn
 
 
 def main() -> None:

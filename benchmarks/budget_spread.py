@@ -13,7 +13,7 @@ import warnings
 import torch
 
 import normgraph
-from normgraph.models import GPT, GPTConfig
+from normgraph.demo.models import GPT, GPTConfig
 
 MODES = ("modula", "scale", "typical")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-from normgraph import dual
+from normgraph.codegen import dual
 
 
 def conditioned(m: int, n: int, cond: float, gen: torch.Generator) -> torch.Tensor:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-from normgraph import dual
+from normgraph.codegen import dual
 from ns_accuracy import conditioned  # noqa: E402  (same directory)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import normgraph
-from normgraph.data import Corpus
+from normgraph.demo.data import Corpus
 
 
 class NanoGPT(torch.nn.Module):

@@ -23,7 +23,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from normgraph.data import Corpus
+from normgraph.demo.data import Corpus
 
 MASK_ID = 0  # byte 0 never occurs in the corpus: BERT's [MASK]
 

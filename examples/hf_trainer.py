@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 import normgraph
-from normgraph.data import Corpus
+from normgraph.demo.data import Corpus
 
 
 class ByteChunks(Dataset):

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from normgraph.data import Corpus
+from normgraph.demo.data import Corpus
 from normgraph.demo import train
-from normgraph.models import GPTConfig
+from normgraph.demo.models import GPTConfig
 
 GRIDS: dict[str, tuple[float, ...]] = {
     "normgraph": (0.125, 0.25, 0.5, 1.0, 2.0, 4.0),

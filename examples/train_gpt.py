@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from normgraph.data import Corpus
+from normgraph.demo.data import Corpus
 from normgraph.demo import DEFAULT_LRS, OPTIMIZERS, RunResult, plot_curves, results_table, train
-from normgraph.models import GPTConfig
+from normgraph.demo.models import GPTConfig
 
 
 def main(argv: list[str] | None = None) -> RunResult:

@@ -1,20 +1,26 @@
 """normgraph: compile a torch model's modular norm into a duality map and an optimizer.
 
-Pipeline: trace (`trace.capture`) → analyze (`analyze.analyze`) → codegen (`codegen.generate`)
-→ optim (`optim.compile`), plus annotations (JSON), export (ONNX, GraphML, DOT) and the CLI.
+The package reads as the pipeline, one subpackage per pass over the data in `core`:
+
+    analysis (trace → ops/rules/scale → analyze)  →  NormGraph (core)
+    codegen  (plan → emit → runtime; orthogonalizers)  →  duality map
+    optim    (functional step, NormGraphOptimizer)
+    io       (JSON annotations, ONNX, graph formats)
+
+`api` wires passes together (`compile`, `export_onnx`); `cli` and `demo` sit on top.
 """
-from .analyze import analyze
-from .annotations import load
-from .export import export_onnx, read_onnx_annotations
-from .normgraph import Atom, Diagnostics, NormGraph
-from .optim import NormGraphOptimizer, compile
-from .rules import register_atom_rule, register_bond_rule, register_kind, register_module_rule
-from .scale import register_scale_rule
+from .analysis import analyze, register_atom_rule, register_bond_rule, register_module_rule, register_op
+from .analysis import register_scale_rule
+from .api import compile, export_onnx
+from .codegen import MapOptions, register_orthogonalizer
+from .core import Atom, Diagnostics, NormGraph, register_kind
+from .io import load, read_onnx_annotations
+from .optim import NormGraphOptimizer
 
 __all__ = [
     "analyze", "compile", "load", "export_onnx", "read_onnx_annotations",
-    "Atom", "Diagnostics", "NormGraph", "NormGraphOptimizer",
+    "Atom", "Diagnostics", "NormGraph", "NormGraphOptimizer", "MapOptions",
     "register_atom_rule", "register_bond_rule", "register_kind", "register_module_rule",
-    "register_scale_rule",
+    "register_scale_rule", "register_op", "register_orthogonalizer",
 ]
 __version__ = "0.1.0"

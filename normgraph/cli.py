@@ -15,6 +15,9 @@ import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import __version__, api, io
+from .analysis import analyze
+
 EXPORT_FORMATS = ("json", "onnx", "dot", "graphml", "nodelink", "svg", "png", "pdf")
 SUFFIX_FORMAT = {".json": "json", ".onnx": "onnx", ".dot": "dot", ".gv": "dot", ".graphml": "graphml",
                  ".svg": "svg", ".png": "png", ".pdf": "pdf"}
@@ -158,13 +161,10 @@ def norm_graph_for(args: argparse.Namespace) -> tuple[Any, Any, tuple[Any, ...] 
     """(NormGraph, model or None, example inputs) for the MODEL argument."""
     suffix = Path(args.model).suffix.lower()
     if suffix in (".json", ".onnx") and ":" not in args.model:
-        from . import annotations, export
         if not Path(args.model).is_file():
             raise CLIError(f"file not found: {args.model}")
-        reader = annotations.load if suffix == ".json" else export.read_onnx_annotations
+        reader = io.load if suffix == ".json" else io.read_onnx_annotations
         return reader(args.model), None, None
-    from .analyze import analyze
-
     model = build_model(args.model)
     inputs = example_inputs(model, args.input_shape, args.input_dtype)
     if inputs is not None:
@@ -187,8 +187,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from . import export
-
     fmt = args.format or SUFFIX_FORMAT.get(Path(args.output).suffix.lower())
     if fmt is None:
         raise CLIError(f"cannot tell the format from {args.output!r}: pass --format "
@@ -201,16 +199,16 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise CLIError("--format onnx needs example inputs: pass --input-shape (and --input-dtype)")
         model.eval()  # export the inference graph (no dropout); the annotations do not depend on it
         try:
-            export.export_onnx(model, inputs, args.output, norm_graph=ng)
+            api.export_onnx(model, inputs, args.output, norm_graph=ng)
         except Exception as e:
             raise CLIError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     elif fmt in ("svg", "png", "pdf"):
         path = Path(args.output)
         if path.suffix.lower() != f".{fmt}":
             path = path.with_suffix(f".{fmt}")
-        export.draw(ng, path)
+        io.draw(ng, path)
     else:
-        export.GRAPH_WRITERS[fmt](ng, args.output)
+        io.GRAPH_WRITERS[fmt](ng, args.output)
     print(f"wrote {args.output} ({fmt})")
     return 0
 
@@ -246,7 +244,6 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normgraph", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true",
                         help="show tracebacks on errors (accepted anywhere on the line)")
-    from . import __version__
     parser.add_argument("--version", action="version", version=f"normgraph {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("inspect", help="print the per-parameter norm table",

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import normgraph
-from normgraph.layout import as_matrices, atom_norm
+from normgraph.core.layout import as_matrices, atom_norm
 
 
 def mlp() -> nn.Module:
@@ -366,14 +366,13 @@ def test_custom_bond_rule_and_assumed_ops():
     ng = normgraph.analyze(Net(), (torch.randn(2, 4),))
     assert ng.diagnostics.assumed_ops == {"erf": 1}
     assert "assumed sensitivity 1 (no rule): erf×1" in str(ng)
-    normgraph.register_bond_rule("erf", 2 / math.sqrt(math.pi))
-    try:
+    from normgraph.analysis.rules import BOND_RULES
+    with BOND_RULES.scoped():
+        normgraph.register_bond_rule("erf", 2 / math.sqrt(math.pi))
         ng = normgraph.analyze(Net(), (torch.randn(2, 4),))
         assert ng.diagnostics.assumed_ops == {}
         assert ng.atoms["a.weight"].downstream == pytest.approx(2 / math.sqrt(math.pi))
-    finally:
-        from normgraph.rules import BOND_RULES
-        BOND_RULES.pop("erf")
+    assert "erf" not in BOND_RULES
 
 
 def test_module_fallback_warns_and_still_gives_atoms():
@@ -440,13 +439,12 @@ def test_op_without_atom_rule_falls_back_visibly_and_a_registered_rule_fixes_it(
     assert ng.atoms["log_scale"].kind == "fallback"
     assert "used by exp" in ng.diagnostics.fallbacks["log_scale"]
     assert "fallback norm for log_scale" in str(ng)
-    from normgraph.rules import ATOM_RULES, AtomSpec
-    normgraph.register_atom_rule("exp", lambda use: AtomSpec("gain", note="log-parameterised gain"))
-    try:
+    from normgraph.analysis.rules import ATOM_RULES, AtomSpec
+    with ATOM_RULES.scoped():
+        normgraph.register_atom_rule("exp", lambda use: AtomSpec("gain", note="log-parameterised gain"))
         ng = normgraph.analyze(LogScale(), (torch.randn(2, 4),))
         assert ng.atoms["log_scale"].kind == "gain" and not ng.diagnostics.fallbacks
-    finally:
-        ATOM_RULES.pop("exp")
+    assert "exp" not in ATOM_RULES
 
 
 @pytest.mark.parametrize("op", ["cumsum", "diff"])
@@ -475,8 +473,8 @@ def test_cumsum_and_diff_sensitivities_from_shapes(op: str) -> None:
 def test_opaque_torch_nn_activation_layers_get_their_functional_rules() -> None:
     """When torch.nn layers stay opaque (the third tracing strategy), nn.GELU/nn.Sigmoid are
     still gelu/sigmoid; LeakyReLU (slope set in its constructor) is reported as assumed."""
-    from normgraph import ops, trace
-    from normgraph.analyze import downstream
+    from normgraph.analysis import ops, trace
+    from normgraph.analysis.analyze import downstream
 
     model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 8), nn.Sigmoid(), nn.Linear(8, 2),
                           nn.LeakyReLU(2.0))
@@ -490,8 +488,8 @@ def test_opaque_torch_nn_activation_layers_get_their_functional_rules() -> None:
 
 
 def test_register_kind_sets_dual_norm_and_mass() -> None:
-    from normgraph.normgraph import DUAL_OF_KIND, NORM_OF_KIND
-    from normgraph.rules import ATOM_RULES, DEFAULT_MASS, AtomSpec
+    from normgraph.analysis.rules import ATOM_RULES, AtomSpec
+    from normgraph.core import KINDS
 
     class Scaled(nn.Module):
         def __init__(self) -> None:
@@ -504,16 +502,13 @@ def test_register_kind_sets_dual_norm_and_mass() -> None:
 
     with pytest.raises(ValueError, match="unknown duality map 'warp'"):
         normgraph.register_kind("posexp", dual="warp", norm="?", mass=1.0)
-    normgraph.register_atom_rule("exp", lambda use: AtomSpec("posexp", note="positive weights"))
-    normgraph.register_kind("posexp", dual="sign", norm="ℓ∞ (of log-weights)", mass=3.0)
-    try:
+    with ATOM_RULES.scoped(), KINDS.scoped():
+        normgraph.register_atom_rule("exp", lambda use: AtomSpec("posexp", note="positive weights"))
+        normgraph.register_kind("posexp", dual="sign", norm="ℓ∞ (of log-weights)", mass=3.0)
         ng = normgraph.analyze(Scaled(), (torch.randn(2, 8),))
         a = ng.atoms["w"]
         assert (a.kind, a.dual, a.norm, a.mass) == ("posexp", "sign", "ℓ∞ (of log-weights)", 3.0)
         assert ng.atoms["lin.weight"].mass == 1.0
         opt = normgraph.compile(Scaled(), (torch.randn(2, 8),), compile_mode="eager")
         assert "sign" in opt.source and "w" in opt.source
-    finally:
-        ATOM_RULES.pop("exp")
-        for table in (DUAL_OF_KIND, NORM_OF_KIND, DEFAULT_MASS):
-            table.pop("posexp")
+    assert "posexp" not in KINDS and "exp" not in ATOM_RULES

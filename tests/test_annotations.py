@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import normgraph
-from normgraph import annotations
-from normgraph.annotations import AnnotationError
-from normgraph.normgraph import Atom, Diagnostics, NormGraph
+from normgraph.io import annotations
+from normgraph.io.annotations import AnnotationError
+from normgraph.core import Atom, Diagnostics, NormGraph
 
 
 def hand_graph() -> NormGraph:

@@ -7,8 +7,10 @@ import traceback
 import pytest
 import torch
 
-from normgraph import codegen, dual, layout
-from normgraph.normgraph import Atom
+from normgraph import codegen
+from normgraph.codegen import dual
+from normgraph.core import layout
+from normgraph.core import Atom
 
 CUDA = torch.cuda.is_available()
 
@@ -46,9 +48,9 @@ def grads(ats: list[Atom], device: str = "cpu") -> list[torch.Tensor]:
 @pytest.mark.parametrize("schedule", dual.SCHEDULES)
 def test_generated_map_matches_reference(orthogonalizer: str, schedule: str) -> None:
     ats, gs = atoms(), grads(atoms())
-    _, fn = codegen.generate(ats, orthogonalizer=orthogonalizer, coefficients=schedule, compile_mode="eager")
+    _, fn = codegen.generate(ats, orthogonalizer=orthogonalizer, ns_coefficients=schedule, compile_mode="eager")
     for a, g, u in zip(ats, gs, fn(gs)):
-        ref = dual.dualize_atom(a, g, orthogonalizer=orthogonalizer, coefficients=schedule)
+        ref = dual.dualize_atom(a, g, orthogonalizer=orthogonalizer, ns_coefficients=schedule)
         assert u.shape == g.shape and u.dtype == g.dtype
         torch.testing.assert_close(u, ref, atol=2e-5, rtol=1e-4, msg=a.name)
 
@@ -81,13 +83,13 @@ def test_gram_form_is_chosen_per_group_and_agrees() -> None:
     assert "gram_form=True" not in direct_source
     for u, v in zip(auto(gs), direct(gs)):
         torch.testing.assert_close(u, v, atol=2e-5, rtol=0)
-    bf16_source, _ = codegen.generate(ats, dtype=torch.bfloat16, compile_mode="eager")
+    bf16_source, _ = codegen.generate(ats, compute_dtype=torch.bfloat16, compile_mode="eager")
     assert "gram_form=True" not in bf16_source  # auto never picks it in half precision
     with pytest.raises(ValueError, match="ns_method='gram' needs float32"):
-        codegen.generate(ats, dtype=torch.bfloat16, ns_method="gram")
+        codegen.generate(ats, compute_dtype=torch.bfloat16, ns_method="gram")
     expected = sum(dual.ns_flops(*a.shape, 5, gram=g) for a, g in zip(ats, (True, True, False)))
-    assert codegen.flops(ats, 5) == expected
-    assert codegen.flops(ats, 5, ns_method="direct") == sum(dual.ns_flops(*a.shape, 5, False) for a in ats)
+    assert codegen.flops(ats, ns_steps=5) == expected
+    assert codegen.flops(ats, ns_steps=5, ns_method="direct") == sum(dual.ns_flops(*a.shape, 5, False) for a in ats)
 
 
 def test_zero_gradients_give_zero_updates() -> None:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from normgraph import demo
-from normgraph.data import HELDOUT_FILES, TRAIN_FILES, Corpus, stdlib_dir
-from normgraph.models import GPT, GPTConfig
+from normgraph.demo.data import HELDOUT_FILES, TRAIN_FILES, Corpus, stdlib_dir
+from normgraph.demo.models import GPT, GPTConfig
 
 TINY = GPTConfig(block_size=16, n_layer=1, n_head=2, d_model=32)
 

@@ -12,9 +12,12 @@ import torch
 from onnx import helper
 
 import normgraph
-from normgraph import export
-from normgraph.annotations import AnnotationError
-from normgraph.normgraph import Atom, NormGraph
+import shutil
+
+from normgraph import api
+from normgraph.io import graphs, onnx as export_onnx_io
+from normgraph.io.annotations import AnnotationError
+from normgraph.core import Atom, NormGraph
 
 from test_annotations import hand_graph, same
 
@@ -51,7 +54,7 @@ def export_and_read(model, inputs, path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ng = normgraph.analyze(model, inputs)
-        export.export_onnx(model, inputs, path, norm_graph=ng)
+        api.export_onnx(model, inputs, path, norm_graph=ng)
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     return ng, proto, normgraph.read_onnx_annotations(path)
@@ -122,7 +125,7 @@ def test_ir_version_is_raised_to_10():
     holder = torch.nn.Module()
     holder.w = torch.nn.Parameter(torch.zeros(3))
     ng = NormGraph({"w": Atom("w", "bias", (3,), budget=1.0)})
-    export.annotate_ir_model(model, ng, holder)
+    export_onnx_io.annotate_ir_model(model, ng, holder)
     out = ir.to_proto(model)
     assert out.ir_version == 10
     onnx.checker.check_model(out, full_check=True)
@@ -140,7 +143,7 @@ def test_read_onnx_without_annotations(tmp_path):
 
 def test_graphml(tmp_path):
     ng = hand_graph()
-    export.write_graphml(ng, tmp_path / "g.graphml")
+    graphs.write_graphml(ng, tmp_path / "g.graphml")
     back = nx.read_graphml(tmp_path / "g.graphml")
     assert set(back.nodes) == set(ng.graph.nodes) and set(back.edges) == set(ng.graph.edges)
     assert back.nodes["fc1.weight"]["shape"] == "[4, 3]"  # tuples become JSON strings
@@ -152,14 +155,14 @@ def test_graphml_converts_none_and_lists(tmp_path):
     ng = hand_graph()
     ng.graph.nodes["relu"]["extra"] = None
     ng.graph.nodes["linear"]["args"] = [1, (2, 3)]
-    export.write_graphml(ng, tmp_path / "g.graphml")
+    graphs.write_graphml(ng, tmp_path / "g.graphml")
     back = nx.read_graphml(tmp_path / "g.graphml")
     assert back.nodes["relu"]["extra"] == "" and back.nodes["linear"]["args"] == "[1, [2, 3]]"
 
 
 def test_node_link(tmp_path):
     ng = hand_graph()
-    export.write_node_link(ng, tmp_path / "g.json")
+    graphs.write_node_link(ng, tmp_path / "g.json")
     back = nx.node_link_graph(json.loads((tmp_path / "g.json").read_text()), edges="edges")
     assert set(back.edges) == set(ng.graph.edges)
     assert back.nodes["fc2.weight"]["kind"] == "linear"
@@ -167,13 +170,13 @@ def test_node_link(tmp_path):
 
 def test_dot(tmp_path):
     ng = hand_graph()
-    text = export.draw(ng, tmp_path / "g.dot").read_text()
+    text = graphs.draw(ng, tmp_path / "g.dot").read_text()
     assert text.startswith("digraph normgraph {") and '"fc1.weight" -> "linear"' in text
 
 
 @pytest.mark.parametrize("suffix, magic", [(".svg", b"<?xml"), (".png", b"\x89PNG")])
 def test_draw_with_matplotlib(tmp_path, suffix, magic):
-    path = export.draw(hand_graph(), tmp_path / f"g{suffix}", engine="matplotlib")
+    path = graphs.draw(hand_graph(), tmp_path / f"g{suffix}", engine="matplotlib")
     assert path.read_bytes().startswith(magic)
 
 
@@ -181,25 +184,25 @@ def test_draw_through_normgraph_method(tmp_path):
     assert hand_graph().draw(tmp_path / "g.svg").stat().st_size > 0
 
 
-@pytest.mark.skipif(not export.shutil.which("dot"), reason="Graphviz `dot` is not installed")
+@pytest.mark.skipif(not shutil.which("dot"), reason="Graphviz `dot` is not installed")
 def test_draw_with_graphviz(tmp_path):
-    path = export.draw(hand_graph(), tmp_path / "g.svg", engine="dot")
+    path = graphs.draw(hand_graph(), tmp_path / "g.svg", engine="dot")
     assert b"<svg" in path.read_bytes()
 
 
 def test_draw_without_any_renderer(tmp_path, monkeypatch):
-    monkeypatch.setattr(export.shutil, "which", lambda name: None)
+    monkeypatch.setattr(graphs.shutil, "which", lambda name: None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
     with pytest.raises(RuntimeError, match="neither Graphviz `dot` nor matplotlib"):
-        export.draw(hand_graph(), tmp_path / "g.png")
+        graphs.draw(hand_graph(), tmp_path / "g.png")
 
 
 def test_draw_rejects_unknown_suffix(tmp_path):
     with pytest.raises(ValueError, match="use a .svg, .png, .pdf or .dot"):
-        export.draw(hand_graph(), tmp_path / "g.txt")
+        graphs.draw(hand_graph(), tmp_path / "g.txt")
 
 
 def test_layers_put_atoms_before_their_ops():
-    cols = export.layers(hand_graph().graph)
+    cols = graphs.layers(hand_graph().graph)
     assert cols["linear"] < cols["relu"] < cols["linear_1"]
     assert cols["fc1.weight"] == cols["linear"] - 1 and cols["fc2.weight"] == cols["linear_1"] - 1

@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import normgraph
-from normgraph.annotations import AnnotationError, loads
-from normgraph.dual import dualize_atom
-from normgraph.layout import atom_norm, matrix_options
-from normgraph.normgraph import Atom
+from normgraph.io.annotations import AnnotationError, loads
+from normgraph.codegen.dual import dualize_atom
+from normgraph.core.layout import atom_norm, matrix_options
+from normgraph.core import Atom
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 MAGNITUDES = [0.0, 1e-30, 1e-10, 1e-3, 1.0, 1e3, 1e10, 1e20, 1e30]
@@ -88,7 +88,7 @@ def test_orthogonalization_is_finite_and_has_the_budget_as_norm(g, orthogonalize
 def _valid_doc() -> dict:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
-    return json.loads(normgraph.annotations.dumps(normgraph.analyze(model, (torch.randn(2, 3),))))
+    return json.loads(normgraph.io.annotations.dumps(normgraph.analyze(model, (torch.randn(2, 3),))))
 
 
 VALID = _valid_doc()

@@ -1,38 +1,31 @@
 """The analysis result: one atom per trainable parameter, plus the op graph they live in.
 
 `NormGraph` is plain data: the analysis pass (`normgraph.analyze`) builds it, the codegen
-pass reads it, and the annotation/export passes serialise it. Nothing here traces or
-computes norms of tensors.
+pass reads it, and the io passes serialise it. Nothing here traces, computes norms of
+tensors or touches files (`save`/`draw` call the writers `normgraph.io` installs).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import networkx as nx
 
-#: Duality map used for each atom kind (see docs/norms.md). Extended by `rules.register_kind`.
-DUAL_OF_KIND: dict[str, str] = {
-    "linear": "orthogonalize",
-    "conv": "orthogonalize",
-    "expert": "orthogonalize",
-    "embedding": "row_normalize",
-    "gain": "sign",
-    "bias": "rms_normalize",
-    "fallback": "rms_normalize",
-}
+from .kinds import kind_of
 
-#: Human-readable operator norm of each kind.
-NORM_OF_KIND: dict[str, str] = {
-    "linear": "RMS→RMS",
-    "conv": "K·max_k RMS→RMS",
-    "expert": "max_e RMS→RMS",
-    "embedding": "ℓ1→RMS",
-    "gain": "ℓ∞ (RMS→RMS of diag)",
-    "bias": "RMS",
-    "fallback": "RMS",
-}
+#: File writers, installed by `normgraph.io` when the package loads ("save" → annotations JSON,
+#: "draw" → SVG/PNG). The data layer itself imports no I/O: `NormGraph.save` looks its writer
+#: up here (dependency inversion, so no module below io imports io).
+WRITERS: dict[str, Callable[..., Path]] = {}
+
+
+def budget_of(mass: float, total_mass: float, downstream: float) -> float:
+    """An atom's share of the update's norm: its mass share over what amplifies it downstream
+    (modula's target_norm at T=1). The one place this formula lives."""
+    if total_mass <= 0 or downstream <= 0:
+        return 0.0
+    return mass / total_mass / downstream
 
 
 @dataclass
@@ -65,9 +58,9 @@ class Atom:
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)
         if not self.norm:
-            self.norm = NORM_OF_KIND.get(self.kind, "RMS")
+            self.norm = kind_of(self.kind).norm
         if not self.dual:
-            self.dual = DUAL_OF_KIND.get(self.kind, "rms_normalize")
+            self.dual = kind_of(self.kind).dual
 
 
 @dataclass
@@ -168,10 +161,14 @@ class NormGraph:
 
     def draw(self, path: str | Path) -> Path:
         """Render the graph to SVG or PNG (by suffix) with the `dot` program, else matplotlib."""
-        from .export import draw
-        return draw(self, path)
+        return _writer("draw")(self, path)
 
     def save(self, path: str | Path) -> Path:
         """Write the annotations as versioned JSON (see `normgraph.load`)."""
-        from .annotations import save
-        return save(self, path)
+        return _writer("save")(self, path)
+
+
+def _writer(what: str) -> Callable[..., Path]:
+    if what not in WRITERS:  # only if someone imported normgraph.core alone and bypassed the package
+        raise RuntimeError(f"no {what!r} writer is installed; import normgraph (normgraph.io installs it)")
+    return WRITERS[what]

@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import networkx as nx
 
-from .layout import view_problem
-from .normgraph import Atom, Diagnostics, NormGraph
+from ..core.graph import Atom, Diagnostics, NormGraph, budget_of
+from ..core.layout import view_problem
 
 SCHEMA = "normgraph.annotations/1"
 #: Atom fields a file must have; the others default as in `Atom`.
@@ -31,13 +31,6 @@ class AnnotationError(ValueError):
 
 
 # ---------------------------------------------------------------- budgets
-
-def budget_of(mass: float, total_mass: float, downstream: float) -> float:
-    """The step-size share of one atom: its mass share, divided by what amplifies it downstream."""
-    if total_mass <= 0 or downstream <= 0:
-        return 0.0
-    return mass / total_mass / downstream
-
 
 def recompute_budgets(ng: NormGraph, stored_total: float | None = None, where: str = "") -> None:
     """Set every budget to ``mass / total_mass / downstream`` (masses, downstream authoritative).

@@ -11,9 +11,8 @@ from typing import Any
 
 import torch
 
-from .normgraph import Atom
-
-ORTHOGONALIZED_KINDS = ("linear", "conv", "expert")
+from .graph import Atom
+from .kinds import kind_of
 
 
 def matrix_options(pre_shape: list[int], perm: list[int], batch: int, fan_out: int, fan_in: int,
@@ -92,17 +91,21 @@ def view_problem(atom: Atom) -> str | None:
 
 
 def atom_norm(atom: Atom, t: torch.Tensor) -> float:
-    """Exact operator norm of `t` in `atom`'s norm (SVD reference, for tests and users)."""
+    """Exact operator norm of `t` in `atom`'s norm (SVD reference, for tests and users): the
+    kind's own `norm_fn` if it registered one, else the norm whose duality map `atom.dual` is."""
+    own = kind_of(atom.kind).norm_fn
+    if own is not None:
+        return float(own(atom, t))
     if atom.options.get("parts"):  # the norm of a split atom: the largest of its parts'
         return max(atom_norm(sub, t.narrow(*where)) for where, sub in atom_parts(atom))
     t = t.detach().double()
-    if atom.kind in ORTHOGONALIZED_KINDS or atom.options.get("matrix"):
+    if atom.dual == "orthogonalize" or atom.options.get("matrix"):
         m = as_matrices(t, atom.options)
         _, rows, cols = m.shape
         sigma = torch.linalg.matrix_norm(m, ord=2).max().item()
         return atom.options.get("norm_scale", 1.0) * math.sqrt(cols / rows) * sigma
-    if atom.kind == "embedding":
+    if atom.dual == "row_normalize":  # ℓ1→RMS: the largest row RMS
         return t.reshape(t.shape[0], -1).pow(2).mean(dim=1).sqrt().max().item()
-    if atom.kind == "gain":
+    if atom.dual == "sign":  # ℓ∞
         return t.abs().max().item()
     return t.pow(2).mean().sqrt().item()

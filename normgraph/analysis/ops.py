@@ -14,7 +14,10 @@ import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
-_ALIASES = {
+from ..core.registry import Registry
+
+ALIASES: Registry[str, str] = Registry("op alias")
+ALIASES.update({
     "truediv": "div", "itruediv": "div", "floordiv": "floor_divide", "iadd": "add",
     "isub": "sub", "imul": "mul", "matmul": "matmul", "__and__": "and", "__or__": "or",
     "and_": "and", "or_": "or", "pos": "identity", "_to_copy": "to",
@@ -32,12 +35,13 @@ _ALIASES = {
     "_scaled_dot_product_flash_attention_for_cpu": "scaled_dot_product_attention",
     "lift_fresh_copy": "alias", "mT": "t", "mH": "t", "adjoint": "t", "numpy_mT": "t",
     "view_as": "view", "reshape_as": "reshape",
-}
+})
 #: Parameter-free torch.nn layers, by class name, and the functional op each one calls: when
 #: the tracer keeps torch.nn layers opaque, their calls still get the functional op's rule.
 #: Layers whose slope depends on a constructor argument (LeakyReLU, ELU) are left out: their
 #: calls stay "module:…" and are reported as assumed, rather than guessed.
-NN_MODULE_OPS = {
+NN_MODULE_OPS: Registry[str, str] = Registry("parameter-free torch.nn layer")
+NN_MODULE_OPS.update({
     "ReLU": "relu", "ReLU6": "relu6", "GELU": "gelu", "SiLU": "silu", "Sigmoid": "sigmoid",
     "Tanh": "tanh", "Hardtanh": "hardtanh", "SELU": "selu", "CELU": "celu",
     "Softplus": "softplus", "Identity": "identity",
@@ -49,7 +53,7 @@ NN_MODULE_OPS = {
     "AdaptiveAvgPool1d": "adaptive_avg_pool1d", "AdaptiveAvgPool2d": "adaptive_avg_pool2d",
     "AdaptiveAvgPool3d": "adaptive_avg_pool3d", "AdaptiveMaxPool1d": "adaptive_max_pool1d",
     "AdaptiveMaxPool2d": "adaptive_max_pool2d",
-}
+})
 #: Tensor attributes that are ops (`W.T`, `W.mT`): symbolic_trace records them as getattr.
 _ATTRIBUTE_OPS = {"T": "numpy_T", "H": "numpy_T", "mT": "t", "mH": "t"}
 
@@ -57,7 +61,7 @@ _ATTRIBUTE_OPS = {"T": "numpy_T", "H": "numpy_T", "mT": "t", "mH": "t"}
 def _strip(name: str) -> str:
     if name.endswith("_") and not name.startswith("__"):
         name = name.rstrip("_")
-    return _ALIASES.get(name, name)
+    return ALIASES.get(name, name)
 
 
 def op_name(node: fx.Node, modules: dict[str, torch.nn.Module] | None = None) -> str:

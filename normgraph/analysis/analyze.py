@@ -19,9 +19,10 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from ..core.graph import Atom, Diagnostics, NormGraph, budget_of
+from ..core.kinds import is_orthogonalized, kind_of
 from . import ops
-from .normgraph import DUAL_OF_KIND, NORM_OF_KIND, Atom, Diagnostics, NormGraph
-from .rules import (ATOM_RULES, DEFAULT_MASS, PARAM_INDEX, PARAM_METADATA, PARAM_PASSTHROUGH, PARAM_TRANSPOSE,
+from .rules import (ATOM_RULES, PARAM_FLOW,
                     AtomSpec, BondInput, Use, bond_sensitivity, module_entry)
 from .scale import Scales, atom_gain, scaled_bond
 from .trace import Captured, capture
@@ -140,7 +141,7 @@ def _live(cap: Captured) -> set[fx.Node]:
     for node in cap.graph.nodes:
         if node in cap.params or (node.op == "placeholder" and node not in cap.constants):
             live.add(node)
-        elif ops.op_name(node, cap.modules) in PARAM_METADATA:
+        elif PARAM_FLOW.get(ops.op_name(node, cap.modules)) == "metadata":
             continue
         elif any(i in live for i in node.all_input_nodes):
             live.add(node)
@@ -258,15 +259,16 @@ def _uses_of(param: fx.Node, shape: tuple[int, ...], modules: dict[str, torch.nn
         for user in value.users:
             op = ops.op_name(user, modules)
             first = user.args[0] if user.args else None
-            if op in PARAM_METADATA:
+            flow = PARAM_FLOW.get(op)
+            if flow == "metadata":
                 continue
-            if first is value and (op in PARAM_PASSTHROUGH or op == "_weight_norm" or _shifted(user, op, value)):
+            if first is value and (flow == "passthrough" or op == "_weight_norm" or _shifted(user, op, value)):
                 stack.append((user, transposed, indexed, odd))
-            elif first is value and op in PARAM_TRANSPOSE:
+            elif first is value and flow == "transpose":
                 swap = _swaps_last_two(user, op, len(shape) - (1 if indexed else 0))
                 stack.append((user, transposed ^ bool(swap), indexed,
                               odd or ("" if swap is not None else f"unsupported {op}")))
-            elif first is value and op in PARAM_INDEX:
+            elif first is value and flow == "index":
                 stack.append((user, transposed, True, odd))
             else:
                 args = ops.arguments(user)
@@ -361,7 +363,7 @@ def _choose(name: str, specs: list[tuple[AtomSpec, fx.Node, Use | None]], overri
     for spec, _, _ in specs:
         if spec.kind == override:
             return spec
-    if override in ("gain", "bias", "fallback", "embedding"):
+    if not is_orthogonalized(override):  # needs no matrix view: any use will do
         return AtomSpec(override, note=f"kind set by the user ({override})")
     raise ValueError(f"kinds[{name!r}] = {override!r}, but no use of {name} is a {override} "
                      f"(its uses: {', '.join(f'{s.kind} in {n.name}' for s, n, _ in specs)})")
@@ -428,8 +430,8 @@ def _module_atoms(model: torch.nn.Module, trainable: Mapping[str, torch.Tensor],
 
 def _atom(name: str, p: torch.Tensor, spec: AtomSpec, d: float, uses: list[str]) -> Atom:
     return Atom(name=name, kind=spec.kind, shape=tuple(p.shape), dtype=str(p.dtype).replace("torch.", ""),
-                norm=NORM_OF_KIND.get(spec.kind, "RMS"), mass=DEFAULT_MASS.get(spec.kind, 0.1),
-                sensitivity=1.0, downstream=d, dual=DUAL_OF_KIND.get(spec.kind, "rms_normalize"),
+                norm=kind_of(spec.kind).norm, mass=kind_of(spec.kind).mass,
+                sensitivity=1.0, downstream=d, dual=kind_of(spec.kind).dual,
                 fan_in=spec.fan_in, fan_out=spec.fan_out, options=dict(spec.options),
                 uses=uses, note=spec.note)
 
@@ -477,7 +479,7 @@ def _budgets(atoms: dict[str, Atom]) -> None:
     if total <= 0:
         raise ValueError("the total mass is 0: at least one atom needs a positive mass")
     for a in atoms.values():
-        a.budget = a.mass / total / a.downstream
+        a.budget = budget_of(a.mass, total, a.downstream)
 
 
 #: Largest/smallest budget among matrix and embedding atoms above which analysis warns. At a
@@ -490,7 +492,7 @@ def _warn_spread(atoms: dict[str, Atom], cap: Captured, D: dict[fx.Node, float],
                  scales: Scales | None, diag: Diagnostics) -> None:
     """Warn (and note in diagnostics) when budgets span more than `SPREAD_WARNING`, naming
     the ops along the smallest atom's path to the output that amplify its downstream most."""
-    weights = [a for a in atoms.values() if a.kind in ("linear", "conv", "expert", "embedding") and a.budget > 0]
+    weights = [a for a in atoms.values() if a.dual in ("orthogonalize", "row_normalize") and a.budget > 0]
     if len(weights) < 2:
         return
     lo = min(weights, key=lambda a: a.budget)

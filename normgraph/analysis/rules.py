@@ -1,8 +1,10 @@
 """The rule tables: which atom a parameter is, and how sensitive each op is to each input.
 
-All three tables are plain dicts keyed by canonical op name (see `ops.op_name`) or module
-class, so users extend them with `register_atom_rule`, `register_bond_rule` and
-`register_module_rule` (docs/custom_rules.md). The reasons for every entry are in
+The tables are registries (`core.registry.Registry`) keyed by canonical op name (see
+`ops.op_name`) or module class: `PARAM_FLOW`, `ATOM_RULES`, `BOND_RULES`, `MODULE_RULES`.
+Users extend them with `register_atom_rule`, `register_bond_rule`, `register_module_rule`,
+or everything about one op at once with `normgraph.register_op` (docs/custom_rules.md).
+The scale-mode facts of an op live in `scale.py`. The reasons for every entry are in
 docs/norms.md.
 """
 from __future__ import annotations
@@ -14,10 +16,9 @@ from typing import Any, Callable, Union
 import torch
 import torch.fx as fx
 
+from ..core.layout import matrix_options, part_options
+from ..core.registry import Registry
 from . import ops
-from .dual import DUALS
-from .layout import matrix_options, part_options
-from .normgraph import DUAL_OF_KIND, NORM_OF_KIND
 
 # ---------------------------------------------------------------------------------------
 # Atoms
@@ -51,46 +52,38 @@ class Use:
 
 AtomRule = Callable[[Use], Union[AtomSpec, None]]
 
-#: Default mass of each kind (docs/norms.md says why).
-DEFAULT_MASS: dict[str, float] = {
-    "linear": 1.0, "conv": 1.0, "embedding": 1.0, "expert": 1.0,
-    "gain": 0.1, "bias": 0.1, "fallback": 0.1,
-}
+#: How a parameter may flow through an op before its real consumer, so a rule sees the
+#: parameter itself: "passthrough" (unchanged in meaning: casts, views, dropout),
+#: "transpose" (last two dims swapped), "index" (one slice of a stacked parameter), or
+#: "metadata" (the op reads only dtype/shape: not a use at all).
+PARAM_FLOW: Registry[str, str] = Registry(
+    "parameter flow", check=lambda op, how: _check_flow(op, how))
+FLOWS = ("passthrough", "transpose", "index", "metadata")
 
 
-def register_kind(kind: str, *, dual: str, norm: str, mass: float) -> None:
-    """A new atom kind: the duality map that dualises it (one of `normgraph.dual.DUALS`), a
-    label for its norm (shown in the table and saved in annotations), and its default mass.
-
-    An atom rule may return any kind; without registration a kind gets the RMS norm's map
-    (`rms_normalize`), norm label "RMS" and mass 0.1, like a fallback. An "orthogonalize"
-    kind also needs a matrix view in its options (`matrix_spec` or `layout.matrix_options`).
-    """
-    if dual not in DUALS:
-        raise ValueError(f"register_kind({kind!r}): unknown duality map {dual!r}; use one of {DUALS}")
-    if not (math.isfinite(mass) and mass >= 0):
-        raise ValueError(f"register_kind({kind!r}): mass must be a finite number >= 0, got {mass}")
-    DUAL_OF_KIND[kind], NORM_OF_KIND[kind], DEFAULT_MASS[kind] = dual, norm, float(mass)
+def _check_flow(op: str, how: str) -> None:
+    if how not in FLOWS:
+        raise ValueError(f"parameter flow of {op!r} must be one of {FLOWS}, got {how!r}")
 
 
-#: Ops a parameter may flow through, unchanged in meaning, before its real consumer.
-PARAM_PASSTHROUGH = {
-    "to", "type", "type_as", "float", "half", "bfloat16", "contiguous", "clone", "detach",
-    "alias", "identity", "dropout", "view", "reshape", "flatten", "expand", "unsqueeze",
-    "squeeze", "expand_as",
-}
-PARAM_TRANSPOSE = {"t", "numpy_T", "transpose", "permute", "swapaxes", "movedim"}
-PARAM_INDEX = {"getitem", "select", "index", "slice", "narrow", "index_select"}
-#: Uses of a parameter that read only its metadata (a dtype check, a shape): not uses.
-PARAM_METADATA = {"_assert_tensor_metadata", "_assert_scalar", "size", "sym_size", "sym_numel",
-                  "dim", "numel", "getattr"}
+for _flow, _ops in {
+    "passthrough": ("to", "type", "type_as", "float", "half", "bfloat16", "contiguous", "clone", "detach",
+                    "alias", "identity", "dropout", "view", "reshape", "flatten", "expand", "unsqueeze",
+                    "squeeze", "expand_as"),
+    "transpose": ("t", "numpy_T", "transpose", "permute", "swapaxes", "movedim"),
+    "index": ("getitem", "select", "index", "slice", "narrow", "index_select"),
+    "metadata": ("_assert_tensor_metadata", "_assert_scalar", "size", "sym_size", "sym_numel",
+                 "dim", "numel", "getattr"),
+}.items():
+    for _op in _ops:
+        PARAM_FLOW.register(_op, _flow)
 
-ATOM_RULES: dict[str, AtomRule] = {}
+ATOM_RULES: Registry[str, AtomRule] = Registry("atom rule")
 
 
 def register_atom_rule(op: str, rule: AtomRule) -> None:
     """Classify parameters consumed by canonical op `op`: `rule(use) -> AtomSpec | None`."""
-    ATOM_RULES[op] = rule
+    ATOM_RULES.register(op, rule)
 
 
 def _output_users(out_node: fx.Node, fan_out: int):
@@ -346,12 +339,12 @@ class BondInput:
 #: A number, or a function of the input returning a number, or None for "no bound known
 #: here" (then the op gets 1 and is listed as assumed, as an op without a rule is).
 BondRule = Union[float, Callable[[BondInput], Union[float, None]]]
-BOND_RULES: dict[str, BondRule] = {}
+BOND_RULES: Registry[str, BondRule] = Registry("bond rule")
 
 
 def register_bond_rule(op: str, rule: BondRule) -> None:
     """Sensitivity of canonical op `op` to each input: a number, or a function of a `BondInput`."""
-    BOND_RULES[op] = rule
+    BOND_RULES.register(op, rule)
 
 
 def _scale(b: BondInput) -> float:
@@ -525,8 +518,8 @@ class ModuleEntry:
     sensitivity: float = 1.0    # of the module's output to each input (when opaque)
 
 
-MODULE_RULES: dict[type, ModuleEntry] = {}
-MODULE_RULES_BY_NAME: dict[str, ModuleEntry] = {}
+MODULE_RULES: Registry[type, ModuleEntry] = Registry("module rule")
+MODULE_RULES_BY_NAME: Registry[str, ModuleEntry] = Registry("module rule (by class name)")
 
 
 def register_module_rule(cls: type | str, rule: ModuleRule, *, leaf: bool = False,
@@ -539,9 +532,9 @@ def register_module_rule(cls: type | str, rule: ModuleRule, *, leaf: bool = Fals
     """
     entry = ModuleEntry(rule, leaf, sensitivity)
     if isinstance(cls, str):
-        MODULE_RULES_BY_NAME[cls] = entry
+        MODULE_RULES_BY_NAME.register(cls, entry)
     else:
-        MODULE_RULES[cls] = entry
+        MODULE_RULES.register(cls, entry)
 
 
 def module_entry(mod: torch.nn.Module) -> ModuleEntry | None:

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .. import api
 from .data import Corpus
 from .models import GPT, GPTConfig, loss_fn
 
@@ -68,11 +69,10 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, example: torch.
     (embeddings, head, norms); it defaults to the AdamW lr in `DEFAULT_LRS`.
     """
     if name == "normgraph":
-        import normgraph
         # torch.compile of the map costs more (tens of seconds on CPU) than it saves in a
         # run this short; pass compile_mode="default" for long runs.
         kwargs.setdefault("compile_mode", "eager")
-        return normgraph.compile(model, (example,), lr=lr, **kwargs)
+        return api.compile(model, (example,), lr=lr, **kwargs)
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     if name == "muon":

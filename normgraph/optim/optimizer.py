@@ -11,62 +11,68 @@ Set one parameter's lr with ``opt.group("h.0.mlp.c_fc.weight")["lr"] = 0.05``.
 from __future__ import annotations
 
 import math
-import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-from . import codegen
-from .normgraph import Atom, NormGraph
+from .. import codegen
+from ..codegen.options import MapOptions, options_from
+from ..core.graph import Atom, NormGraph
+from . import functional as F
+
 
 class NormGraphOptimizer(torch.optim.Optimizer):
     """Steepest descent under the modular norm, with momentum and decoupled weight decay.
 
     Attributes: `norm_graph` (the analysis), `dualize` (the compiled duality map for all
     trainable atoms, gradients in `param_groups` order), `source` (its Python source),
-    `last_step_skipped` (True when the last step saw a non-finite gradient and changed
-    nothing), `skipped_steps` (how many such steps so far).
+    `map_options` (the `MapOptions` it was generated with; kept in every param group as a
+    dict, so it is in `state_dict`), `last_step_skipped` (True when the last step saw a
+    non-finite gradient and changed nothing), `skipped_steps` (how many such steps so far).
 
     Parameters whose `grad` is None in a step (frozen, unused) are left exactly as they
     are, weight decay included; the map for that subset of atoms is generated once and
-    cached. Budgets, shapes, dtypes and devices are baked into the generated code, so
-    changing any of them (e.g. ``opt.norm_graph.atoms[n].budget = ...``) regenerates it
-    on the next step; changing lr, momentum or weight decay does not.
+    cached. Budgets, shapes, dtypes, devices and map options are baked into the generated
+    code, so changing any of them (e.g. ``opt.norm_graph.atoms[n].budget = ...``)
+    regenerates it on the next step; changing lr, momentum or weight decay does not.
     """
 
     def __init__(self, params: torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]], norm_graph: NormGraph, *,
                  lr: float = 0.1, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
-                 orthogonalizer: str = "newton-schulz", ns_steps: int = 5,
-                 ns_coefficients: str | Sequence = "quintic", compute_dtype: torch.dtype | None = None,
-                 ns_method: str = "auto", compile_mode: str = "default",
-                 backend: str | None = "inductor") -> None:
+                 map_options: MapOptions | None = None, **options: Any) -> None:
         if not (math.isfinite(lr) and lr >= 0 and 0 <= momentum < 1
                 and math.isfinite(weight_decay) and weight_decay >= 0):
             raise ValueError(f"need a finite lr >= 0, 0 <= momentum < 1, a finite weight_decay >= 0; "
                              f"got lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
+        map_opts = options_from(map_options, options)  # validates every option now, not at the first step
         named = dict(params.named_parameters() if isinstance(params, torch.nn.Module) else params)
         self.norm_graph = norm_graph
-        self.map_options: dict[str, Any] = dict(
-            orthogonalizer=orthogonalizer, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
-            compute_dtype=compute_dtype, ns_method=ns_method, compile_mode=compile_mode, backend=backend)
-        codegen.generate_source([], orthogonalizer=orthogonalizer, ns_steps=ns_steps,
-                                coefficients=ns_coefficients, ns_method=ns_method)  # validate options early
         groups = [{"params": [p], "name": name} for name, p in _trainable(named, norm_graph)]
         if not groups:
             raise ValueError("no trainable parameter of the model has an atom in the norm graph; "
                              "re-run normgraph.analyze(model) on this model")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        map_options=map_opts.to_dict())
         super().__init__(groups, defaults)
         self.last_step_skipped = False
         self.skipped_steps = 0
         self._maps: dict[str, codegen.DualityMap] = {}
         self._fast: dict[tuple, codegen.DualityMap] = {}
-        everything = list(range(len(self.param_groups)))
-        self.dualize = self._map_for(everything, [g["params"][0] for g in self.param_groups])
+        self._map_for(list(range(len(self.param_groups))), [g["params"][0] for g in self.param_groups])
 
     # -- bookkeeping ---------------------------------------------------------------------
+
+    @property
+    def map_options(self) -> MapOptions:
+        """The map's options, read from the param groups (where `load_state_dict` puts them)."""
+        raw = self.param_groups[0]["map_options"]
+        if any(g["map_options"] != raw for g in self.param_groups[1:]):
+            odd = next(g["name"] for g in self.param_groups if g["map_options"] != raw)
+            raise ValueError(f"param group {odd!r} has other map_options than the rest: one duality map "
+                             "serves all parameters, so set them on every group (or rebuild the optimizer)")
+        return MapOptions.from_dict(raw)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         name = param_group.get("name")
@@ -99,6 +105,9 @@ class NormGraphOptimizer(torch.optim.Optimizer):
                                  f"missing {missing[:5]}{' …' if len(missing) > 5 else ''}" if missing else "",
                                  f"unknown {extra[:5]}{' …' if len(extra) > 5 else ''}" if extra else "",
                                  "duplicate names" if len(set(names)) != len(names) else "") if part))
+        for g in saved:  # validate the saved map options before anything changes
+            if "map_options" in g:
+                MapOptions.from_dict(g["map_options"])
         if names != mine:  # same parameters, another order: reorder the saved groups to ours
             by_name = {g["name"]: g for g in saved}
             state_dict = {**state_dict, "param_groups": [by_name[n] for n in mine]}
@@ -115,29 +124,31 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         raise KeyError(f"no parameter named {name!r} in this optimizer")
 
     @property
+    def dualize(self) -> codegen.DualityMap:
+        """The duality map over all trainable atoms, for the parameters' current dtypes/devices."""
+        return self._map_for(list(range(len(self.param_groups))), [g["params"][0] for g in self.param_groups])
+
+    @property
     def source(self) -> str:
         """Python source of the duality map over all trainable atoms (read it like fx's `.code`)."""
         return self.dualize.source
 
     def _map_for(self, indices: list[int], tensors: list[torch.Tensor]) -> codegen.DualityMap:
-        """The generated map for these atoms and gradient dtypes/devices, generated on a miss."""
+        """The generated map for these atoms, gradient dtypes/devices and map options; generated
+        on a miss. The fast key holds everything the full key does except the atoms' contents
+        beyond (identity, budget, shape), which change only through the norm graph."""
         atoms = [self.atom(i) for i in indices]
         specs = [codegen.spec_of(t) for t in tensors]
-        fast = (tuple(indices), tuple(specs), tuple((id(a), a.budget, a.shape) for a in atoms))
+        options = self.map_options
+        fast = (tuple(indices), tuple(specs), options,
+                tuple((id(a), a.budget, a.shape, a.dual) for a in atoms))
         hit = self._fast.get(fast)
         if hit is not None:
             return hit
-        key = codegen.cache_key(atoms, specs, **self.map_options)
+        key = codegen.cache_key(atoms, specs, options)
         if key not in self._maps:
-            o = self.map_options
-            _, fn = codegen.generate(atoms, specs=specs, orthogonalizer=o["orthogonalizer"],
-                                     ns_steps=o["ns_steps"], coefficients=o["ns_coefficients"],
-                                     dtype=o["compute_dtype"], ns_method=o["ns_method"],
-                                     compile_mode=o["compile_mode"], backend=o["backend"])
-            self._maps[key] = fn
+            _, self._maps[key] = codegen.generate(atoms, options, specs=specs)
         self._fast[fast] = self._maps[key]
-        if len(indices) == len(self.param_groups):
-            self.dualize = self._maps[key]
         return self._maps[key]
 
     # -- the step --------------------------------------------------------------------------
@@ -152,53 +163,38 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         self.last_step_skipped = False
         if not live:
             return loss
-        bad_lr = [self.param_groups[i]["name"] for i in live if not math.isfinite(self.param_groups[i]["lr"])]
+        groups = [self.param_groups[i] for i in live]
+        bad_lr = [g["name"] for g in groups if not math.isfinite(g["lr"])]
         if bad_lr:  # a scheduler or a hand edit set it after construction
             raise ValueError(f"normgraph: non-finite lr in the param group(s) of {', '.join(bad_lr[:3])}: "
-                             f"{self.group(bad_lr[0])['lr']}; "
-                             "nothing was changed")
-        params = [self.param_groups[i]["params"][0] for i in live]
+                             f"{self.group(bad_lr[0])['lr']}; nothing was changed")
+        params = [g["params"][0] for g in groups]
         grads = [p.grad for p in params]
-        sparse = [self.param_groups[i]["name"] for i, g in zip(live, grads) if g.is_sparse]
+        sparse = [g["name"] for g, gr in zip(groups, grads) if gr.is_sparse]
         if sparse:
             raise RuntimeError(f"normgraph: sparse gradients are not supported ({', '.join(sparse[:3])}): "
                                "build the layer with sparse=False (nn.Embedding(..., sparse=False))")
-        if not _all_finite(grads):
-            self._skip([self.param_groups[i]["name"] for i, g in zip(live, grads) if not torch.isfinite(g).all()])
+        if not F.all_finite(grads):
+            self._skip([g["name"] for g, gr in zip(groups, grads) if not torch.isfinite(gr).all()])
             return loss
-        directions = self._momentum([self.param_groups[i] for i in live], params, grads)
-        updates = self._map_for(live, grads)(directions)
-        groups = [self.param_groups[i] for i in live]
-        decayed = [(p, 1 - g["lr"] * g["weight_decay"]) for p, g in zip(params, groups) if g["weight_decay"]]
-        if decayed:
-            torch._foreach_mul_([p for p, _ in decayed], [f for _, f in decayed])
-        torch._foreach_add_(params, torch._foreach_mul(updates, [-g["lr"] for g in groups]))
+        F.normgraph_step(params, grads, self._buffers(groups, params, grads), self._map_for(live, grads),
+                         lrs=[g["lr"] for g in groups], momenta=[g["momentum"] for g in groups],
+                         nesterovs=[bool(g["nesterov"]) for g in groups],
+                         weight_decays=[g["weight_decay"] for g in groups])
         return loss
 
-    def _momentum(self, groups: list[dict[str, Any]], params: list[torch.Tensor],
-                  grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """EMA momentum: buf ← m·buf + (1−m)·g; Nesterov looks ahead: (1−m)·g + m·buf.
-
-        Batched with torch._foreach_* over the parameters that share (momentum, nesterov),
-        so the step costs a handful of kernel launches, not a few per parameter.
-        """
-        out: list[torch.Tensor] = list(grads)
-        buckets: dict[tuple[float, bool], list[int]] = {}
-        for k, g in enumerate(groups):
-            if g["momentum"]:
-                buckets.setdefault((g["momentum"], bool(g["nesterov"])), []).append(k)
-        for (m, nesterov), idx in buckets.items():
-            bufs = []
-            for k in idx:
-                state = self.state[params[k]]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grads[k])
-                bufs.append(state["momentum_buffer"])
-            gs = [grads[k] for k in idx]
-            torch._foreach_lerp_(bufs, gs, 1 - m)
-            looked = torch._foreach_lerp(gs, bufs, m) if nesterov else bufs
-            for k, d in zip(idx, looked):
-                out[k] = d
+    def _buffers(self, groups: list[dict[str, Any]], params: list[torch.Tensor],
+                 grads: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Each parameter's momentum buffer (created as zeros on first use), None without momentum."""
+        out: list[torch.Tensor | None] = []
+        for g, p, grad in zip(groups, params, grads):
+            if not g["momentum"]:
+                out.append(None)
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(grad)
+            out.append(state["momentum_buffer"])
         return out
 
     def _skip(self, bad: list[str]) -> None:
@@ -212,13 +208,6 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("last_step_skipped", False)
         self.__dict__.setdefault("skipped_steps", 0)
-
-
-def _all_finite(grads: list[torch.Tensor]) -> bool:
-    """One host sync for the whole model: the ∞-norm is inf/NaN iff some entry is."""
-    norms = torch._foreach_norm(grads, math.inf)
-    device = norms[0].device
-    return bool(torch.stack([n.float().to(device) for n in norms]).isfinite().all())
 
 
 def _trainable(named: dict[str, torch.nn.Parameter], ng: NormGraph) -> list[tuple[str, torch.nn.Parameter]]:
@@ -243,37 +232,3 @@ def _trainable(named: dict[str, torch.nn.Parameter], ng: NormGraph) -> list[tupl
                       f"{' ...' if len(uncovered) > 5 else ''}; re-run analyze or optimize them separately",
                       RuntimeWarning, stacklevel=3)
     return [(n, named[n]) for n in ng.atoms if named[n].requires_grad]
-
-
-def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: dict[str, Any] | None = None, *,  # noqa: A001
-            lr: float = 0.1, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
-            orthogonalizer: str = "newton-schulz", ns_steps: int = 5, ns_coefficients: str | Sequence = "quintic",
-            annotations: NormGraph | str | os.PathLike | None = None, masses: dict[str, float] | None = None,
-            compute_dtype: torch.dtype | None = None, ns_method: str = "auto", compile_mode: str = "default",
-            backend: str | None = "inductor", sensitivity: str = "scale",
-            **analyze_kwargs: Any) -> NormGraphOptimizer:
-    """Analyze `model` (or take `annotations`: a NormGraph or a JSON path, no tracing then)
-    and build the optimizer around its generated duality map.
-
-    `compile_mode="eager"` (or `backend=None`) skips torch.compile; if compiling fails the
-    map warns and runs eagerly. `ns_method` ("auto", "direct", "gram") picks how Newton–Schulz
-    is evaluated per matrix shape (see `normgraph.dual.use_gram`). Unknown keyword arguments
-    go to `normgraph.analyze` (e.g. ``conv_mode="flatten"``), and so does `sensitivity`
-    ("scale", the default, or "modula": see `normgraph.analyze`).
-    """
-    if annotations is None:
-        from .analyze import analyze
-        norm_graph = analyze(model, example_inputs, example_kwargs, masses=masses, sensitivity=sensitivity,
-                             **analyze_kwargs)
-    else:
-        if (masses is not None or analyze_kwargs or example_inputs is not None or example_kwargs is not None
-                or sensitivity != "scale"):
-            warnings.warn("normgraph.compile: annotations given, so example inputs, masses and analyze "
-                          "options are ignored (nothing is traced)", UserWarning, stacklevel=2)
-        from .annotations import check_against, load
-        norm_graph = annotations if isinstance(annotations, NormGraph) else load(annotations)
-        check_against(norm_graph, model)  # lists every mismatch with the model at once
-    return NormGraphOptimizer(model, norm_graph, lr=lr, momentum=momentum, nesterov=nesterov,
-                              weight_decay=weight_decay, orthogonalizer=orthogonalizer, ns_steps=ns_steps,
-                              ns_coefficients=ns_coefficients, compute_dtype=compute_dtype,
-                              ns_method=ns_method, compile_mode=compile_mode, backend=backend)

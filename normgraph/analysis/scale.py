@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.fx as fx
 
+from ..core.registry import Registry
 from . import ops
 from .rules import BondInput, Use, bond_sensitivity
 
@@ -47,8 +48,8 @@ ScaleRule = Callable[[fx.Node, dict, Callable[[Any], float]], float]
 #: Sensitivity of an op to one input in this mode: rule(b, S) -> float, or None (assumed).
 ScaledBondRule = Callable[[BondInput, Callable[[Any], float]], "float | None"]
 
-SCALE_RULES: dict[str, ScaleRule] = {}
-SCALED_BOND_RULES: dict[str, ScaledBondRule] = {}
+SCALE_RULES: Registry[str, ScaleRule] = Registry("scale rule")
+SCALED_BOND_RULES: Registry[str, ScaledBondRule] = Registry("scale-mode bond rule")
 
 NORMALISATIONS = ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")
 
@@ -58,9 +59,9 @@ def register_scale_rule(op: str, *, scale: ScaleRule | None = None,
     """How canonical op `op` scales its output (`scale`) and how sensitive it is to each input
     (`bond`) in the default "scale" mode. Either may be omitted (see the module docstring)."""
     if scale is not None:
-        SCALE_RULES[op] = scale
+        SCALE_RULES.register(op, scale)
     if bond is not None:
-        SCALED_BOND_RULES[op] = bond
+        SCALED_BOND_RULES.register(op, bond)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,445 @@
+"""Candidate replacements for Muon's 5-step quintic Newton–Schulz: accuracy, σ_max, FLOPs, time.
+
+    OMP_NUM_THREADS=1 python benchmarks/ns_candidates.py [--only NAME ...] [--repeats 3]
+
+Accuracy measure (fixed by the issue): for G = U diag(σ) Vᵀ (float64 SVD) and output O,
+err(G) = max_i |(Uᵀ O V)_ii − 1| over directions with σ_i ≥ 1e-3·σ_max; worst over a family.
+Matrices: GPT shapes at d=384 as nn.Linear weights (out, in): 1152×384, 384×384, 1536×384,
+384×1536; families: Gaussian, power-law σ_i = 1/i, log-spaced condition number 1e4 (random
+orthogonal singular vectors); plus rank-16 and all-zero inputs. Compute dtypes fp32 and bf16
+(bf16 is emulated faithfully on CPU: bf16 tensors, matmuls round their output to bf16; "fp32
+loop" variants form the m×m products from bf16 inputs with fp32 accumulation and keep them in
+fp32, like a tensor-core GEMM with an fp32 output).
+
+FLOPs are multiply-adds of matmuls (m ≤ n after transposing tall matrices): X Xᵀ and P·X cost
+m²n, every m×m product m³; elementwise work is not counted. Relative to torch.optim.Muon
+(5 direct quintic steps = 5·(2m²n + m³)), for one GPT layer's four matrices with the packed QKV
+(1152×384) kept whole and split into three 384×384. Each candidate picks per shape the cheaper
+of its direct and Gram forms unless it says otherwise.
+
+Times are CPU wall-clock per call of the whole layer (the four matrices, QKV whole), median of
+`--repeats`, in one process, single-threaded (run with OMP_NUM_THREADS=1; torch.set_num_threads(1)
+is also called) — relative numbers only; they are not GPU timings.
+
+The coefficient tables below were produced by benchmarks/fit_schedule.py (printed there in full
+precision; see that file for how they are fitted).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+torch.set_num_threads(1)
+
+# --------------------------------------------------------------------------------------------
+# Coefficient tables (per step: coefficients of p(y), lowest power first; X ← p(XXᵀ)·X).
+# --------------------------------------------------------------------------------------------
+MUON = (3.4445, -4.7750, 2.0315)
+#: Polar Express 5-step table as shipped in normgraph (l=1e-3, safety 1.02 folded into steps 1-4).
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+# From `python benchmarks/fit_schedule.py` (ℓ = 2.5e-3, f ≤ 1.15 on [0, 1.02]).
+Q3_L2_5E_3 = (
+    (8.242303653419794, -23.424934675080046, 16.69346912735247),
+    (4.080601530514545, -3.037538364739233, 0.5725215406479494),
+    (2.4495358824217037, -1.8337768399625154, 0.36231090960761053),
+)
+Q4_L2_5E_3 = (
+    (8.242286919637856, -23.424871507743738, 16.693420941936804),
+    (4.080581827305901, -3.037527092888367, 0.5725209612038817),
+    (3.6159741973813317, -2.7069951511957115, 0.534841914143413),
+    (2.4079118363955114, -1.7868724107485257, 0.4116733542293855),
+)
+N3_L2_5E_3 = (
+    (14.582090963295446, -137.0316809342516, 438.102089153077, -541.1430890556761, 226.26859183965067),
+    (6.596346134110714, -15.885992644616223, 13.494872239886673, -4.464650515294996, 0.5015553736371422),
+    (3.835139951226961, -7.748141005395619, 7.0799164263622405, -2.7033184746475936, 0.36096947303866206),
+)
+C2N2_L2_5E_3 = (
+    (5.055872657138992, -4.847636377018683),
+    (2.5640385144616484, -0.6450588944128242),
+    (6.695867823531902, -16.168629699877982, 13.706341532396495, -4.520274876850515, 0.5059867434417514),
+    (3.8932709614229464, -8.042584258373243, 7.307889896211923, -2.7484449185003426, 0.3599419647464378),
+)
+N3C1_L1E_3 = (
+    (14.782929825959455, -139.56324711587718, 446.79643087423, -552.2381682797386, 230.99544915534196),
+    (7.164027149723511, -17.493813828924058, 14.695962430477831, -4.78131247217127, 0.5270769532400801),
+    (5.270747047340129, -12.042808795609659, 10.555979398897794, -3.67823931970149, 0.4387492877042094),
+    (1.6682740621939998, -0.5201178106017704),
+)
+
+POWERS = {1: 0, 2: 1, 4: 2}  # m×m products to form p(A) beyond A itself (degree in y → cost)
+
+
+# --------------------------------------------------------------------------------------------
+# Candidates
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Cand:
+    name: str
+    sched: tuple
+    norm: str = "a2"            # "fro": ‖X‖_F·safety; "a2": ‖(XXᵀ)²‖_F^¼ (free: A² is step 1's);
+    #                             "aol": AOL row scaling diag(Σ_j|A_ij|)^-½ (changes the polar factor)
+    safety: float = 1.0
+    form: str = "auto"          # "direct", "gram", "auto" (cheaper by FLOPs per shape)
+    factored: bool = True       # evaluate degree-4 steps as c4·q1(A)·q2(A) (else Paterson–Stockmeyer)
+    loop32: bool = False        # bf16 only: Gram m×m loop in fp32 (bf16 in / fp32 out big products)
+    split: bool = False         # bf16 only: Q·X as bf16(Q)·X + bf16(Q − bf16(Q))·X (one more m²n)
+    restart: tuple = ()         # Gram: re-form X ← Q·X and A ← XXᵀ after these steps (0-based)
+    torch_muon: bool = False    # call torch.optim._muon._zeropower_via_newtonschulz (bf16 only)
+    note: str = ""
+    fq: list = field(default_factory=list)
+
+
+def factor_quartic(c):
+    """c4·(y² + α1 y + β1)(y² + α2 y + β2) (see fit_schedule.factor_quartic; numpy-free copy)."""
+    import numpy as np
+    c = np.asarray(c, dtype=float)
+    roots = np.roots(c[::-1])
+    ys = np.linspace(0, 1.0404, 2001)
+    best = None
+    for pair in ((0, 1), (0, 2), (0, 3)):
+        rest = tuple(i for i in range(4) if i not in pair)
+        qs = []
+        for idx in (pair, rest):
+            r1, r2 = roots[idx[0]], roots[idx[1]]
+            al, be = -(r1 + r2), r1 * r2
+            if abs(al.imag) > 1e-9 * max(1, abs(al)) or abs(be.imag) > 1e-9 * max(1, abs(be)):
+                break
+            qs.append((float(al.real), float(be.real)))
+        if len(qs) < 2:
+            continue
+        k = max(abs(ys ** 2 + qs[0][0] * ys + qs[0][1]).max(), 1) * max(abs(ys ** 2 + qs[1][0] * ys + qs[1][1]).max(), 1)
+        if best is None or k < best[0]:
+            best = (k, float(c[4]), qs[0], qs[1])
+    return best[1:]
+
+
+def step_cost(d: int) -> int:
+    return POWERS[d]
+
+
+def flops(c: Cand, rows: int, cols: int, form: str | None = None) -> float:
+    """Matmul multiply-adds of candidate c on one rows×cols matrix (form forced or c's choice)."""
+    m, n = sorted((rows, cols))
+    big, small = m * m * n, m ** 3
+    if c.torch_muon or c.name.startswith("Muon"):
+        return 5 * (2 * big + small)
+    form = form or pick_form(c, rows, cols)
+    degs = [len(s) - 1 for s in c.sched]
+    extra_a2 = 1 if (c.norm == "a2" and degs[0] < 2) else 0  # A² only for the normaliser
+    if form == "direct":
+        return sum(2 * big + step_cost(d) * small for d in degs) + extra_a2 * small
+    total, K = 0.0, len(degs)
+    seg_start = 0
+    ends = sorted(set(c.restart) | {K - 1})
+    for end in ends:
+        seg = degs[seg_start:end + 1]
+        total += big + big * (2 if c.split else 1)  # A = XXᵀ, then Q·X
+        for j, d in enumerate(seg):
+            total += step_cost(d) * small
+            total += small if j > 0 else 0            # Q ← P·Q
+            total += 2 * small if j < len(seg) - 1 else 0  # A ← P·A·P
+        seg_start = end + 1
+    return total + extra_a2 * small
+
+
+def pick_form(c: Cand, rows: int, cols: int) -> str:
+    if c.form != "auto":
+        return c.form
+    return "gram" if flops(c, rows, cols, "gram") < flops(c, rows, cols, "direct") else "direct"
+
+
+# --------------------------------------------------------------------------------------------
+# The iteration
+# --------------------------------------------------------------------------------------------
+def _poly_nc(A, A2, coeffs, factored, fq):
+    """p(A) − c0·I (the constant is applied separately, as Muon does, to keep it exact)."""
+    d = len(coeffs) - 1
+    if d == 1:
+        return coeffs[1] * A
+    if d == 2:
+        return coeffs[1] * A + coeffs[2] * A2
+    if factored:
+        c4, (a1, b1), (a2, b2) = fq
+        eye = torch.eye(A.shape[0], dtype=A.dtype)
+        q1 = A2 + a1 * A + b1 * eye
+        q2 = A2 + a2 * A + b2 * eye
+        p = c4 * (q1 @ q2)
+        p.diagonal().sub_(coeffs[0])
+        return p
+    return coeffs[1] * A + coeffs[2] * A2 + A2 @ (coeffs[3] * A + coeffs[4] * A2)
+
+
+def orthogonalize(c: Cand, G: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if c.torch_muon:
+        from torch.optim._muon import _zeropower_via_newtonschulz
+        return _zeropower_via_newtonschulz(G, MUON, 5, 1e-7).float()
+    tall = G.shape[0] > G.shape[1]
+    X = (G.T if tall else G).to(dtype)
+    m, n = X.shape
+    degs = [len(s) - 1 for s in c.sched]
+    # Frobenius prescale (overflow-safe; a zero matrix stays exactly 0).
+    fro = X.float().norm()
+    X = (X.float() / (fro * c.safety + 1e-7)).to(dtype) if c.norm in ("fro", "a2", "aol") else X
+    form = pick_form(c, *G.shape)
+    lp = dtype if not (dtype == torch.bfloat16 and c.loop32 and form == "gram") else torch.float32
+
+    def big_aat(Xc):  # A = X Xᵀ in the loop dtype (bf16 in, fp32 accumulate when lp is fp32)
+        return (Xc.to(lp) @ Xc.to(lp).T) if lp != Xc.dtype else Xc @ Xc.T
+
+    A = big_aat(X)
+    A2 = A @ A if (degs[0] >= 2 or c.norm == "a2") else None
+    if c.norm == "a2":
+        s = A2.float().norm().clamp_min(1e-30).pow(0.25)  # ‖A²‖_F^¼ ≥ σ_max(X)
+        s = torch.where(fro > 0, s, torch.ones_like(s))
+        X = (X.float() / s).to(dtype)
+        A = (A.float() / s ** 2).to(A.dtype)
+        A2 = (A2.float() / s ** 4).to(A2.dtype)
+    elif c.norm == "aol":
+        r = A.float().abs().sum(dim=1).clamp_min(1e-30).rsqrt()
+        r = torch.where(A.float().abs().sum(dim=1) > 0, r, torch.zeros_like(r))
+        X = (X.float() * r[:, None]).to(dtype)
+        A = (A.float() * r[:, None] * r[None, :]).to(A.dtype)
+        A2 = A @ A if degs[0] >= 2 else None
+
+    if form == "direct":
+        for k, coeffs in enumerate(c.sched):
+            if k > 0:
+                A = X @ X.T
+                A2 = A @ A if degs[k] >= 2 else None
+            pnc = _poly_nc(A, A2, coeffs, c.factored, c.fq[k] if c.fq else None)
+            X = coeffs[0] * X + pnc.to(X.dtype) @ X
+        out = X
+    else:
+        X0 = X
+        Q = None
+        K = len(c.sched)
+        for k, coeffs in enumerate(c.sched):
+            if k > 0 and A2 is None and degs[k] >= 2:
+                A2 = A @ A
+            pnc = _poly_nc(A, A2, coeffs, c.factored, c.fq[k] if c.fq else None)
+            if Q is None:
+                Q = pnc.clone()
+                Q.diagonal().add_(coeffs[0])
+            else:
+                Q = coeffs[0] * Q + pnc @ Q
+            A2 = None
+            if k in c.restart and k < K - 1:
+                X0 = _apply_q(Q, X0, dtype, c.split)
+                A = big_aat(X0)
+                Q = None
+            elif k < K - 1:
+                B = coeffs[0] * A + pnc @ A      # P·A
+                A = coeffs[0] * B + pnc @ B      # P·A·P
+        out = _apply_q(Q, X0, dtype, c.split)
+    out = out.float()
+    return out.T if tall else out
+
+
+def _apply_q(Q, X, dtype, split):
+    if Q.dtype == X.dtype:
+        return Q @ X
+    # Q is fp32, X is bf16: GEMM with bf16 inputs and fp32 accumulation, bf16 output.
+    qh = Q.to(dtype)
+    out = qh.float() @ X.float()
+    if split:
+        out = out + (Q - qh.float()).to(dtype).float() @ X.float()
+    return out.to(dtype)
+
+
+def muon_reference(G: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """torch.optim.Muon's algorithm (same code path as _zeropower_via_newtonschulz) in `dtype`."""
+    X = G.to(dtype)
+    tall = G.shape[0] > G.shape[1]
+    if tall:
+        X = X.T
+    X = X / X.norm().clamp(min=1e-7)
+    a, b, cc = MUON
+    for _ in range(5):
+        A = X @ X.T
+        B = torch.addmm(A, A, A, beta=b, alpha=cc)
+        X = torch.addmm(X, B, X, beta=a)
+    X = X.float()
+    return X.T if tall else X
+
+
+# --------------------------------------------------------------------------------------------
+# Matrices and measures
+# --------------------------------------------------------------------------------------------
+SHAPES = [(1152, 384), (384, 384), (1536, 384), (384, 1536)]
+FAMILIES = ("gaussian", "powerlaw", "cond1e4")
+
+
+def make(shape, family, gen):
+    m, n = shape
+    k = min(m, n)
+    if family == "gaussian":
+        return torch.randn(m, n, generator=gen, dtype=torch.float64)
+    if family == "rank16":
+        return torch.randn(m, 16, generator=gen, dtype=torch.float64) @ torch.randn(16, n, generator=gen, dtype=torch.float64)
+    if family == "zero":
+        return torch.zeros(m, n, dtype=torch.float64)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+    if family == "powerlaw":
+        s = 1.0 / torch.arange(1, k + 1, dtype=torch.float64)
+    else:
+        s = torch.logspace(0, -4, k, dtype=torch.float64)
+    return (u * s) @ v.T
+
+
+@dataclass
+class Case:
+    family: str
+    shape: tuple
+    G: torch.Tensor        # float32 input (what an optimizer holds)
+    U: torch.Tensor
+    V: torch.Tensor
+    keep: torch.Tensor     # σ_i ≥ 1e-3 σ_max
+
+
+def cases(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for fam in FAMILIES + ("rank16", "zero"):
+        for shape in SHAPES:
+            if fam == "zero" and shape != SHAPES[0]:
+                continue
+            G64 = make(shape, fam, gen)
+            G = G64.float()
+            u, s, vh = torch.linalg.svd(G.double(), full_matrices=False)
+            keep = s >= 1e-3 * s[0] if s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
+            out.append(Case(fam, shape, G, u, vh.T, keep))
+    return out
+
+
+def measure(O: torch.Tensor, case: Case) -> dict:
+    O64 = O.double()
+    finite = bool(torch.isfinite(O64).all())
+    if case.family == "zero":
+        return {"err": float(O64.abs().max()), "smax": float(O64.abs().max()), "finite": finite}
+    diag = (case.U * (O64 @ case.V)).sum(0)
+    err = float((diag[case.keep] - 1).abs().max())
+    smax = float(torch.linalg.matrix_norm(O, 2)) if finite else math.inf
+    res = {"err": err, "smax": smax, "finite": finite}
+    if case.family == "rank16":  # leakage into the null space: ‖(I − U_r U_rᵀ) O‖₂
+        Ur = case.U[:, case.keep]
+        res["leak"] = float(torch.linalg.matrix_norm((O64 - Ur @ (Ur.T @ O64)).float(), 2))
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+def candidates() -> list[Cand]:
+    C = []
+    C.append(Cand("Muon (torch.optim, 5×quintic, ‖·‖_F)", (MUON,) * 5, norm="fro", form="direct", torch_muon=True,
+                  note="bf16 only: torch.optim._muon._zeropower_via_newtonschulz"))
+    C.append(Cand("Muon (same alg., reimpl.)", (MUON,) * 5, norm="fro", form="direct",
+                  note="fp32 row = Muon's algorithm in fp32"))
+    C.append(Cand("PolarExpress 5 (normgraph table)", POLAR_EXPRESS, norm="fro", safety=1.02, form="direct"))
+    C.append(Cand("Q3 fit (a2) auto", Q3_L2_5E_3, loop32=True))
+    C.append(Cand("Q4 fit (a2) direct", Q4_L2_5E_3, form="direct"))
+    C.append(Cand("Q4 fit (a2) gram/bf16 loop", Q4_L2_5E_3, form="auto"))
+    C.append(Cand("Q4 fit (a2) gram/fp32 loop", Q4_L2_5E_3, form="auto", loop32=True))
+    C.append(Cand("N3 fit (a2) direct, monomial", N3_L2_5E_3, form="direct", factored=False))
+    C.append(Cand("N3 fit (a2) direct, factored", N3_L2_5E_3, form="direct"))
+    C.append(Cand("N3 fit (a2) gram/bf16 loop", N3_L2_5E_3, form="auto"))
+    C.append(Cand("N3 fit (a2) gram/fp32 loop", N3_L2_5E_3, form="auto", loop32=True))
+    C.append(Cand("N3 fit (a2) gram/fp32 loop + split QX", N3_L2_5E_3, form="auto", loop32=True, split=True))
+    C.append(Cand("N3 fit (a2) gram/bf16, restart after 1", N3_L2_5E_3, form="auto", restart=(0,)))
+    C.append(Cand("C2N2 fit (a2) direct, factored", C2N2_L2_5E_3, form="direct"))
+    C.append(Cand("C2N2 fit (a2) gram/fp32 loop", C2N2_L2_5E_3, form="auto", loop32=True))
+    C.append(Cand("N3C1 fit ℓ=1e-3 (a2) gram/fp32 loop", N3C1_L1E_3, form="auto", loop32=True))
+    C.append(Cand("Turbo-Muon-like: AOL + Muon 4 steps", (MUON,) * 4, norm="aol", form="direct"))
+    C.append(Cand("AOL + Q4 fit direct", Q4_L2_5E_3, norm="aol", form="direct"))
+    for c in C:
+        c.fq = [factor_quartic(s) if len(s) == 5 else None for s in c.sched]
+    return C
+
+
+def layer_ratio(c: Cand, split_qkv: bool) -> float:
+    shapes = ([(384, 384)] * 3 if split_qkv else [(1152, 384)]) + [(384, 384), (1536, 384), (384, 1536)]
+    muon = sum(5 * (2 * min(s) ** 2 * max(s) + min(s) ** 3) for s in shapes)
+    return sum(flops(c, *s) for s in shapes) / muon
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", help="substrings of candidate names to run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    print(f"# ns_candidates: torch {torch.__version__}, CPU {platform.processor() or platform.machine()}, "
+          f"threads {torch.get_num_threads()} (single-threaded timings), seed {args.seed}")
+    cs = cases(args.seed)
+    cands = [c for c in candidates() if not args.only or any(o in c.name for o in args.only)]
+    layer = [torch.randn(*s, generator=torch.Generator().manual_seed(1)) for s in SHAPES]
+    rows = []
+    for c in cands:
+        ratio = (layer_ratio(c, False), layer_ratio(c, True))
+        forms = ",".join("G" if pick_form(c, *s) == "gram" else "D" for s in SHAPES)
+        per_shape = "/".join(f"{flops(c, *s) / (5 * (2 * min(s)**2 * max(s) + min(s)**3)):.2f}" for s in SHAPES)
+        for dtype in (torch.float32, torch.bfloat16):
+            if c.torch_muon and dtype == torch.float32:
+                continue
+            worst = {f: 0.0 for f in FAMILIES + ("rank16",)}
+            smax_cond = smax_all = leak = 0.0
+            zero_ok, finite = True, True
+            for case in cs:
+                if c.name.startswith("Muon (same"):
+                    O = muon_reference(case.G, dtype)
+                else:
+                    O = orthogonalize(c, case.G, dtype)
+                r = measure(O, case)
+                finite &= r["finite"]
+                if case.family == "zero":
+                    zero_ok &= r["finite"] and r["err"] == 0.0
+                    continue
+                worst[case.family] = max(worst[case.family], r["err"])
+                smax_all = max(smax_all, r["smax"])
+                if case.family == "cond1e4":
+                    smax_cond = max(smax_cond, r["smax"])
+                if case.family == "rank16":
+                    leak = max(leak, r["leak"])
+            # timing: the whole layer, median of repeats
+            ts = []
+            for _ in range(args.repeats + 1):
+                t0 = time.perf_counter()
+                for G in layer:
+                    if c.name.startswith("Muon (same"):
+                        muon_reference(G, dtype)
+                    else:
+                        orthogonalize(c, G, dtype)
+                ts.append(time.perf_counter() - t0)
+            t = statistics.median(ts[1:])
+            rows.append((c.name, str(dtype)[6:], ratio, per_shape, forms, worst, smax_cond, smax_all, leak, zero_ok, finite, t))
+            print(f"{c.name:44s} {str(dtype)[6:]:8s} FLOPs/Muon layer {ratio[0]:.3f} (QKV split {ratio[1]:.3f}) "
+                  f"per-shape {per_shape} [{forms}] | err gauss {worst['gaussian']:.3f} power {worst['powerlaw']:.3f} "
+                  f"cond {worst['cond1e4']:.3f} rank16 {worst['rank16']:.3f} | σmax cond {smax_cond:.3f} all {smax_all:.3f} "
+                  f"| leak16 {leak:.2e} zero→0 {zero_ok} finite {finite} | {t * 1e3:.1f} ms/layer", flush=True)
+    # markdown table
+    base = {r[1]: r[-1] for r in rows if r[0].startswith("Muon (torch")}
+    base32 = {r[1]: r[-1] for r in rows if r[0].startswith("Muon (same")}
+    print("\n| candidate | dtype | FLOPs/Muon layer (QKV whole / split) | per shape 1152×384/384²/1536×384/384×1536 "
+          "| err gauss | err power | err cond1e4 | err rank16 | σmax cond | σmax all | ms/layer (1 thread) | time/Muon bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    tb = base.get("bfloat16") or base32.get("bfloat16")
+    for (name, dt, ratio, per, forms, w, sc, sa, lk, zok, fin, t) in rows:
+        print(f"| {name} | {dt} | {ratio[0]:.3f} / {ratio[1]:.3f} | {per} [{forms}] | {w['gaussian']:.3f} | {w['powerlaw']:.3f} "
+              f"| {w['cond1e4']:.3f} | {w['rank16']:.3f} | {sc:.3f} | {sa:.3f} | {t * 1e3:.1f} | {t / tb:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

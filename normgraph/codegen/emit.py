@@ -1,0 +1,322 @@
+"""Emit the Python source of a duality map specialised to one architecture.
+
+Why generate source instead of looping over atoms at run time: the architecture is known
+ahead of time, so same-shaped matrices can be stacked and orthogonalized by one batched
+call, every per-atom scale becomes a literal, and the result is plain Python that a person
+can read (`print(opt.source)`) and `torch.compile` can fuse. The emitted function takes the
+gradients as a list in atom order and returns the updates in the same order.
+
+Like torch.fx's `PythonCode`, `generate_source` returns the source together with the
+globals it needs (the registered orthogonalizer's function, the elementwise duals), so the
+algorithms are defined once (`orthogonalizers.py`, `dual.py`) and the text only wires them.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import linecache
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..core.graph import Atom, NormGraph
+from ..core.layout import atom_parts
+from .dual import ELEMENTWISE, matrix_scale
+from .options import MapOptions, options_from
+from .orthogonalizers import Orthogonalizer, lookup
+from .plan import Group, Spec, as_atom_list, plan
+from .runtime import DualityMap
+
+
+@dataclass
+class PythonCode:
+    """Generated source and the globals it runs with (as `torch.fx.graph.PythonCode`)."""
+
+    src: str
+    globals: dict[str, Any] = field(default_factory=dict)
+
+
+def _lit(x: float) -> str:
+    """A float literal that round-trips exactly (the baked constants must equal the math)."""
+    return repr(float(x))
+
+
+def _shape(s: Sequence[int]) -> str:
+    return "(" + ", ".join(str(int(v)) for v in s) + ("," if len(s) == 1 else "") + ")"
+
+
+def _identity(perm: Sequence[int]) -> bool:
+    return list(perm) == list(range(len(perm)))
+
+
+def _is_plain(atom: Atom) -> bool:
+    """True when the matrix view is a single plain reshape (one matrix, no permutation)."""
+    return atom.options["matrix"][0] == 1 and _identity(atom.options["perm"])
+
+
+def _source(i: int, where: tuple[int, int, int] | None) -> str:
+    """grads[i], or the slice of it that one part of a split atom covers."""
+    return f"grads[{i}]" if where is None else f"grads[{i}].narrow({where[0]}, {where[1]}, {where[2]})"
+
+
+def _out_name(i: int, where: tuple[int, int, int] | None) -> str:
+    return f"u{i}" if where is None else f"u{i}_{where[1]}"
+
+
+def _view_in(i: int, atom: Atom, batched: bool, where: tuple[int, int, int] | None = None) -> str:
+    """grads[i] as (rows, cols) when stacking plain matrices, else as (B, rows, cols)."""
+    o = atom.options
+    b, r, c = o["matrix"]
+    src = _source(i, where)
+    if _is_plain(atom):
+        if not batched:
+            return src if tuple(atom.shape) == (r, c) else f"{src}.reshape({r}, {c})"
+        return f"{src}.reshape(1, {r}, {c})"
+    if _identity(o["perm"]):
+        return src if tuple(atom.shape) == (b, r, c) else f"{src}.reshape({b}, {r}, {c})"
+    return (f"{src}.reshape{_shape(o['pre_shape'])}.permute{_shape(o['perm'])}"
+            f".reshape({b}, {r}, {c})")
+
+
+def _view_out(expr: str, atom: Atom, batched: bool) -> str:
+    """Inverse of `_view_in`: back to the parameter's shape (no-op text when already there)."""
+    o = atom.options
+    if _is_plain(atom):
+        same = not batched and tuple(atom.shape) == tuple(o["matrix"][1:])
+        return expr if same else f"{expr}.reshape{_shape(atom.shape)}"
+    if _identity(o["perm"]):
+        return expr if tuple(atom.shape) == tuple(o["matrix"]) else f"{expr}.reshape{_shape(atom.shape)}"
+    perm = list(o["perm"])
+    inv = [perm.index(k) for k in range(len(perm))]
+    permuted = [o["pre_shape"][p] for p in perm]
+    return f"{expr}.reshape{_shape(permuted)}.permute{_shape(inv)}.reshape{_shape(atom.shape)}"
+
+
+def _names(members: list[tuple[int, Atom, tuple[int, int, int] | None]], width: int = 88) -> list[str]:
+    lines, cur = [], "#   "
+    for k, (_, a, _) in enumerate(members):
+        piece = a.name + ("," if k < len(members) - 1 else "")
+        if len(cur) + len(piece) > width and cur.strip() != "#":
+            lines.append(cur.rstrip())
+            cur = "#   "
+        cur += piece + " "
+    lines.append(cur.rstrip())
+    return lines
+
+
+def _ident(name: str) -> str:
+    """A Python identifier for a registered name ("newton-schulz" → "newton_schulz")."""
+    out = re.sub(r"\W", "_", name)
+    return out if out and not out[0].isdigit() else f"o_{out}"
+
+
+def _literal(v: Any, indent: str = "") -> str:
+    """A literal that round-trips exactly; tuples of tuples one row per line."""
+    if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
+        return repr(v)
+    if isinstance(v, float):
+        return _lit(v)
+    if isinstance(v, (tuple, list)):
+        if v and all(isinstance(r, (tuple, list)) for r in v):
+            rows = "".join(f"{indent}    {_literal(r)},\n" for r in v)
+            return f"(\n{rows}{indent})"
+        return "(" + ", ".join(_literal(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+    raise TypeError(f"orthogonalizer setting {v!r} ({type(v).__name__}) cannot be written as a literal")
+
+
+def _call_defaults(fn: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return {k: p.default for k, p in inspect.signature(fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    except (TypeError, ValueError):  # builtins without a signature
+        return {}
+
+
+@dataclass
+class _OrthoPlan:
+    """One orthogonalizer's settings across the map: what every group shares (bound once in
+    a helper) and what each group adds (passed at its call)."""
+
+    entry: Orthogonalizer
+    works: dict[int, torch.dtype]
+    settings: dict[int, dict[str, Any]]
+    common: dict[str, Any]
+
+
+def _ortho_plan(entry: Orthogonalizer, groups: list[tuple[int, Group]], options: MapOptions) -> _OrthoPlan:
+    works, settings = {}, {}
+    for gi, g in groups:
+        works[gi] = entry.work_dtype(g.device_type, options.dtype, getattr(torch, g.dtype))
+        settings[gi] = entry.settings_for(options, min(g.rows, g.cols), max(g.rows, g.cols), works[gi], g.device_type)
+    keys = set.intersection(*(set(s) for s in settings.values())) if settings else set()
+    first = next(iter(settings.values()), {})
+    common = {k: first[k] for k in sorted(keys) if all(s[k] == first[k] for s in settings.values())}
+    return _OrthoPlan(entry, works, settings, common)
+
+
+def _helper(p: _OrthoPlan, out: list[str], glob: dict[str, Any]) -> str:
+    """Bind the shared settings in `def _<name>(x, **per_shape)`; return the helper's name."""
+    ident = _ident(p.entry.name)
+    fn_global = f"_orthogonalizer_{ident}"
+    glob[fn_global] = p.entry.fn
+    qual = f"{getattr(p.entry.fn, '__module__', '?')}.{getattr(p.entry.fn, '__qualname__', '?')}"
+    out.append(f"# orthogonalizer {p.entry.name!r} ({p.entry.title}): {qual}, settings shared by every group")
+    bound = []
+    for k, v in p.common.items():
+        if isinstance(v, (tuple, list)):
+            const = f"_{_ident(k).upper()}"
+            out.append(f"{const} = {_literal(v)}")
+            bound.append(f"{k}={const}")
+        else:
+            bound.append(f"{k}={_literal(v)}")
+    out += ["", "", f"def _{ident}(x, **per_shape):",
+            f'    """(B, m, n), m <= n → orthogonalized by the registered {p.entry.name!r}."""',
+            f"    return {fn_global}(x{''.join(', ' + b for b in bound)}, **per_shape)", "", ""]
+    return f"_{ident}"
+
+
+def _emit_orthogonalize(gi: int, g: Group, p: _OrthoPlan, helper: str, out: list[str]) -> None:
+    tall = g.rows > g.cols
+    work, settings = p.works[gi], p.settings[gi]
+    detail = p.entry.describe(settings, min(g.rows, g.cols)) if p.entry.describe else ""
+    how = f"{p.entry.title} on the {'transposes (tall)' if tall else 'matrices'}" + (f", {detail}" if detail else "")
+    out.append(f"    # group {gi}: orthogonalize {g.matrices} × ({g.rows}×{g.cols}) {g.dtype} on {g.device}, {how}")
+    out.extend("    " + line for line in _names(g.members))
+    plain = all(_is_plain(a) for _, a, _ in g.members)
+    views = [_view_in(i, a, not plain, where) for i, a, where in g.members]
+    if tall:  # stack the transposes: one copy makes the wide layout contiguous for the bmm calls
+        views = [f"{v}.mT" for v in views]
+    if len(views) == 1:
+        stacked = views[0] + (".unsqueeze(0)" if plain else "")
+    else:
+        joined = ",\n        ".join(views)
+        stacked = f"torch.{'stack' if plain else 'cat'}([\n        {joined},\n    ])"
+    out.append(f"    g{gi} = {stacked}")
+    work_name = str(work).replace("torch.", "")
+    cast_in = f".to(torch.{work_name})" if work_name != g.dtype else ""
+    cast_out = f".to(torch.{g.dtype})" if cast_in else ""
+    defaults = _call_defaults(p.entry.fn)
+    extra = "".join(f", {k}={_literal(v)}" for k, v in settings.items()
+                    if k not in p.common and not (k in defaults and defaults[k] == v))
+    out.append(f"    o{gi} = {helper}(g{gi}{cast_in}{extra}){'.mT' if tall else ''}{cast_out}")
+    start = 0
+    for i, a, where in g.members:
+        b = a.options["matrix"][0]
+        piece = f"o{gi}[{start}]" if plain else f"o{gi}[{start}:{start + b}]"
+        start += b
+        _, r, c = a.options["matrix"]
+        note = f"  # budget {a.budget:.4g} · sqrt({r}/{c})" + (
+            f" / {a.options.get('norm_scale', 1.0):g}" if a.options.get("norm_scale", 1.0) != 1 else "")
+        scaled = f"{piece} * {_lit(matrix_scale(a))}"
+        viewed = _view_out(f"({scaled})", a, batched=not plain)
+        out.append(f"    {_out_name(i, where)} = {scaled if viewed == f'({scaled})' else viewed}{note}")
+
+
+def _emit_elementwise(gi: int, g: Group, out: list[str], glob: dict[str, Any]) -> None:
+    fn, why = ELEMENTWISE[g.dual]
+    call = "torch.sign" if fn is torch.sign else f"_{g.dual}"
+    if fn is not torch.sign:
+        glob[call] = fn
+    out.append(f"    # group {gi}: {g.dual} ({why}) × {len(g.members)}, {g.dtype} on {g.device}")
+    out.extend("    " + line for line in _names(g.members))
+    for i, a, _ in g.members:
+        out.append(f"    u{i} = {call}(grads[{i}]) * {_lit(a.budget)}")
+
+
+def generate_source(atoms: Sequence[Atom] | NormGraph | dict[str, Atom], options: MapOptions | None = None, *,
+                    specs: Sequence[Spec] | None = None, name: str = "dualize", **changes: Any) -> PythonCode:
+    """The source of `def <name>(grads): ...` for these atoms, and its globals (module docstring)."""
+    options = options_from(options, changes)
+    atoms = as_atom_list(atoms)
+    specs = list(specs) if specs is not None else [(a.dtype, "cpu") for a in atoms]
+    entry = lookup(options.orthogonalizer)
+    groups = plan(atoms, specs)
+    ortho = [(gi, g) for gi, g in enumerate(groups) if g.dual == "orthogonalize"]
+    glob: dict[str, Any] = {"torch": torch}
+    schedule = options.ns_coefficients if isinstance(options.ns_coefficients, str) else "explicit"
+    label = f" ({schedule}, {options.ns_steps} steps)" if options.orthogonalizer == "newton-schulz" else ""
+    out = [f"# Generated by normgraph.codegen: duality map for {len(atoms)} parameters in {len(groups)} groups.",
+           f"# orthogonalizer: {options.orthogonalizer}{label}",
+           "# Each update has norm `budget` in its atom's norm; grads and updates are in atom order.",
+           "import torch", "", ""]
+    oplan = _ortho_plan(entry, ortho, options) if ortho else None
+    helper = _helper(oplan, out, glob) if oplan else ""
+    out.append(f"def {name}(grads):")
+    if not atoms:
+        out.append("    return []")
+    for gi, g in enumerate(groups):
+        if g.dual == "orthogonalize":
+            _emit_orthogonalize(gi, g, oplan, helper, out)  # type: ignore[arg-type]
+        else:
+            _emit_elementwise(gi, g, out, glob)
+    for i, atom in enumerate(atoms):  # split atoms: their parts back into one update
+        parts = atom.options.get("parts") if atom.dual == "orthogonalize" else None
+        if parts:
+            pieces = ", ".join(f"u{i}_{p['start']}" for p in parts)
+            out.append(f"    u{i} = torch.cat([{pieces}], dim={parts[0]['dim']})  # {atom.name}, {len(parts)} parts")
+    if atoms:
+        items = ", ".join(f"u{i}" for i in range(len(atoms)))
+        out.append(f"    return [{items}]")
+    return PythonCode("\n".join(out) + "\n", glob)
+
+
+def exec_code(code: PythonCode, name: str = "dualize") -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """Exec generated code under a fake filename registered in linecache (so tracebacks,
+    `inspect.getsource` and torch.compile's error messages show the generated lines)."""
+    digest = hashlib.sha1(code.src.encode()).hexdigest()[:12]
+    filename = f"<normgraph-{name}-{digest}>"
+    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
+    namespace: dict[str, Any] = {**code.globals, "__name__": f"normgraph.generated.{name}"}
+    exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - our own generated code
+    return namespace[name]
+
+
+def generate(atoms: Sequence[Atom] | NormGraph | dict[str, Atom], options: MapOptions | None = None, *,
+             specs: Sequence[Spec] | None = None, name: str = "dualize", **changes: Any) -> tuple[str, DualityMap]:
+    """Source and callable of the duality map for `atoms` (gradients given by `specs`).
+
+    `options` (or its fields as keywords: ``orthogonalizer=``, ``ns_steps=``,
+    ``compute_dtype=``, ``ns_method=``, ``compile_mode=``, ...) say how it orthogonalizes
+    and whether it is compiled.
+    """
+    options = options_from(options, changes)
+    code = generate_source(atoms, options, specs=specs, name=name)
+    return code.src, DualityMap(exec_code(code, name), code.src, options.compile_mode, options.backend)
+
+
+def cache_key(atoms: Sequence[Atom], specs: Sequence[Spec], options: MapOptions | None = None, **changes: Any) -> str:
+    """Everything baked into the generated code; equal keys ⇒ the same function."""
+    options = options_from(options, changes)
+    rows = [(a.name, a.dual, list(a.shape), a.budget, a.options, list(s)) for a, s in zip(atoms, specs)]
+    return json.dumps([rows, options.to_dict()], sort_keys=True, default=str)
+
+
+def flops(atoms: Sequence[Atom], options: MapOptions | None = None, specs: Sequence[Spec] | None = None,
+          **changes: Any) -> float:
+    """Matmul FLOPs of one pass of the orthogonalizer over the orthogonalized atoms (for
+    rooflines), counted by the registered entry for the settings the generated code uses."""
+    options = options_from(options, changes)
+    entry = lookup(options.orthogonalizer)
+    if entry.flops is None:
+        raise ValueError(f"orthogonalizer {entry.name!r} was registered without flops=; pass "
+                         "register_orthogonalizer(..., flops=lambda m, n, settings: ...) to count it")
+    atoms = list(atoms)
+    specs = list(specs) if specs is not None else [(a.dtype, "cpu") for a in atoms]
+    total = 0.0
+    for a, (dt, dev) in zip(atoms, specs):
+        if a.dual != "orthogonalize":
+            continue
+        device_type = torch.device(dev).type
+        work = entry.work_dtype(device_type, options.dtype, getattr(torch, dt))
+        for _, piece in atom_parts(a):
+            b, r, c = piece.options["matrix"]
+            m, n = sorted((r, c))
+            total += b * entry.flops(m, n, entry.settings_for(options, m, n, work, device_type))
+    return total
+
+
+__all__ = ["generate", "generate_source", "exec_code", "PythonCode", "cache_key", "flops"]

@@ -1,0 +1,5 @@
+"""The optimizer: a torch.optim.Optimizer around the generated map, over a functional core."""
+from .functional import all_finite, apply_updates, momentum_directions, normgraph_step
+from .optimizer import NormGraphOptimizer
+
+__all__ = ["NormGraphOptimizer", "normgraph_step", "momentum_directions", "apply_updates", "all_finite"]
