@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..core.graph import Atom, NormGraph
-from ..core.layout import atom_parts
+from ..core.layout import ViewOp, atom_parts, matrix_view, parameter_view
 from .dual import ELEMENTWISE, matrix_scale
 from .options import MapOptions, options_from
 from .orthogonalizers import Orthogonalizer, lookup
@@ -49,13 +49,14 @@ def _shape(s: Sequence[int]) -> str:
     return "(" + ", ".join(str(int(v)) for v in s) + ("," if len(s) == 1 else "") + ")"
 
 
-def _identity(perm: Sequence[int]) -> bool:
-    return list(perm) == list(range(len(perm)))
-
-
 def _is_plain(atom: Atom) -> bool:
     """True when the matrix view is a single plain reshape (one matrix, no permutation)."""
-    return atom.options["matrix"][0] == 1 and _identity(atom.options["perm"])
+    return atom.options["matrix"][0] == 1 and list(atom.options["perm"]) == list(range(len(atom.options["perm"])))
+
+
+def _text(program: list[ViewOp]) -> str:
+    """A view program (`core.layout`) as method calls: `.reshape(3, 8, 4).permute(0, 2, 1)`."""
+    return "".join(f".{op}{_shape(dims)}" for op, dims in program)
 
 
 def _source(i: int, where: tuple[int, int, int] | None) -> str:
@@ -69,31 +70,14 @@ def _out_name(i: int, where: tuple[int, int, int] | None) -> str:
 
 def _view_in(i: int, atom: Atom, batched: bool, where: tuple[int, int, int] | None = None) -> str:
     """grads[i] as (rows, cols) when stacking plain matrices, else as (B, rows, cols)."""
-    o = atom.options
-    b, r, c = o["matrix"]
-    src = _source(i, where)
-    if _is_plain(atom):
-        if not batched:
-            return src if tuple(atom.shape) == (r, c) else f"{src}.reshape({r}, {c})"
-        return f"{src}.reshape(1, {r}, {c})"
-    if _identity(o["perm"]):
-        return src if tuple(atom.shape) == (b, r, c) else f"{src}.reshape({b}, {r}, {c})"
-    return (f"{src}.reshape{_shape(o['pre_shape'])}.permute{_shape(o['perm'])}"
-            f".reshape({b}, {r}, {c})")
+    two_d = _is_plain(atom) and not batched
+    return _source(i, where) + _text(matrix_view(atom.options, atom.shape, two_d))
 
 
 def _view_out(expr: str, atom: Atom, batched: bool) -> str:
     """Inverse of `_view_in`: back to the parameter's shape (no-op text when already there)."""
-    o = atom.options
-    if _is_plain(atom):
-        same = not batched and tuple(atom.shape) == tuple(o["matrix"][1:])
-        return expr if same else f"{expr}.reshape{_shape(atom.shape)}"
-    if _identity(o["perm"]):
-        return expr if tuple(atom.shape) == tuple(o["matrix"]) else f"{expr}.reshape{_shape(atom.shape)}"
-    perm = list(o["perm"])
-    inv = [perm.index(k) for k in range(len(perm))]
-    permuted = [o["pre_shape"][p] for p in perm]
-    return f"{expr}.reshape{_shape(permuted)}.permute{_shape(inv)}.reshape{_shape(atom.shape)}"
+    two_d = _is_plain(atom) and not batched
+    return expr + _text(parameter_view(atom.options, atom.shape, two_d))
 
 
 def _names(members: list[tuple[int, Atom, tuple[int, int, int] | None]], width: int = 88) -> list[str]:

@@ -22,17 +22,53 @@ def matrix_options(pre_shape: list[int], perm: list[int], batch: int, fan_out: i
             "matrix": [int(batch), int(fan_out), int(fan_in)], "norm_scale": float(norm_scale)}
 
 
+#: One step of a view program: ("reshape", shape) or ("permute", dims).
+ViewOp = tuple[str, tuple[int, ...]]
+
+
+def _identity(perm: list[int]) -> bool:
+    return list(perm) == list(range(len(perm)))
+
+
+def matrix_view(options: dict[str, Any], shape: tuple[int, ...], two_d: bool = False) -> list[ViewOp]:
+    """The view program from a tensor of `shape` to its (B, fan_out, fan_in) matrices, or to
+    (fan_out, fan_in) when `two_d` (B = 1, no permutation). Steps that change nothing are
+    left out. `as_matrices` runs it; the code generator writes it out as text."""
+    b, r, c = options["matrix"]
+    if _identity(options["perm"]):
+        target = (r, c) if two_d else (b, r, c)
+        return [] if tuple(shape) == target else [("reshape", target)]
+    pre = tuple(options["pre_shape"])
+    return ([] if tuple(shape) == pre else [("reshape", pre)]) + [("permute", tuple(options["perm"])),
+                                                                  ("reshape", (b, r, c))]
+
+
+def parameter_view(options: dict[str, Any], shape: tuple[int, ...], two_d: bool = False) -> list[ViewOp]:
+    """The inverse program of `matrix_view`: from the matrices back to a tensor of `shape`."""
+    b, r, c = options["matrix"]
+    if _identity(options["perm"]):
+        source = (r, c) if two_d else (b, r, c)
+        return [] if tuple(shape) == source else [("reshape", tuple(shape))]
+    perm = list(options["perm"])
+    inv = tuple(perm.index(i) for i in range(len(perm)))
+    permuted = tuple(options["pre_shape"][p] for p in perm)
+    return [("reshape", permuted), ("permute", inv), ("reshape", tuple(shape))]
+
+
+def run_view(t: torch.Tensor, program: list[ViewOp]) -> torch.Tensor:
+    for op, dims in program:
+        t = t.reshape(dims) if op == "reshape" else t.permute(dims)
+    return t
+
+
 def as_matrices(t: torch.Tensor, options: dict[str, Any]) -> torch.Tensor:
     """(B, fan_out, fan_in) view of a matrix-like parameter (or its gradient)."""
-    return t.reshape(options["pre_shape"]).permute(options["perm"]).reshape(options["matrix"])
+    return run_view(t, matrix_view(options, tuple(t.shape)))
 
 
 def from_matrices(m: torch.Tensor, options: dict[str, Any], shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of `as_matrices`."""
-    perm = options["perm"]
-    inv = [perm.index(i) for i in range(len(perm))]
-    permuted = [options["pre_shape"][p] for p in perm]
-    return m.reshape(permuted).permute(inv).reshape(shape)
+    return run_view(m, parameter_view(options, tuple(shape)))
 
 
 def part_options(parts: list[tuple[int, int, dict[str, Any]]], dim: int) -> dict[str, Any]:
