@@ -50,34 +50,45 @@ POLAR_EXPRESS = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
-# From `python benchmarks/fit_schedule.py` (ℓ = 2.5e-3, f ≤ 1.15 on [0, 1.02]).
-Q3_L2_5E_3 = (
+# From `OMP_NUM_THREADS=1 python benchmarks/fit_schedule.py` (also in results/ns_schedules.json):
+# ℓ = fitted lower end, f ≤ 1.15 on [0, 1.02]; _C5/_C10 = cushion δ = 0.05 / 0.10 (see fit_schedule.py).
+Q3_L2_5E_3 = (  # err on [ℓ,1] 0.7952, f'(0) 82.4
     (8.242303653419794, -23.424934675080046, 16.69346912735247),
-    (4.080601530514545, -3.037538364739233, 0.5725215406479494),
-    (2.4495358824217037, -1.8337768399625154, 0.36231090960761053),
+    (4.0806014419536325, -3.0375381609028573, 0.5725214760665706),
+    (2.449535725149895, -1.833776485553429, 0.3623107910478187),
 )
-Q4_L2_5E_3 = (
+Q4_L2_5E_3 = (  # err on [ℓ,1] 0.3203, f'(0) 292.8
     (8.242286919637856, -23.424871507743738, 16.693420941936804),
-    (4.080581827305901, -3.037527092888367, 0.5725209612038817),
-    (3.6159741973813317, -2.7069951511957115, 0.534841914143413),
-    (2.4079118363955114, -1.7868724107485257, 0.4116733542293855),
+    (4.0805817389320165, -3.0375268894833414, 0.5725208967590398),
+    (3.6159740073334605, -2.7069946518692096, 0.5348417422778381),
+    (2.4079116803629903, -1.7868720523230015, 0.41167320163757704),
 )
-N3_L2_5E_3 = (
+N3_L2_5E_3 = (  # err on [ℓ,1] 0.1820, f'(0) 368.9
     (14.582090963295446, -137.0316809342516, 438.102089153077, -541.1430890556761, 226.26859183965067),
-    (6.596346134110714, -15.885992644616223, 13.494872239886673, -4.464650515294996, 0.5015553736371422),
-    (3.835139951226961, -7.748141005395619, 7.0799164263622405, -2.7033184746475936, 0.36096947303866206),
+    (6.5963331781911645, -15.885890188710794, 13.494723363619945, -4.464580701074025, 0.5015452167061542),
+    (3.835139891835192, -7.748139214380657, 7.079908564614284, -2.7033124646071593, 0.36096823070585676),
 )
-C2N2_L2_5E_3 = (
-    (5.055872657138992, -4.847636377018683),
-    (2.5640385144616484, -0.6450588944128242),
-    (6.695867823531902, -16.168629699877982, 13.706341532396495, -4.520274876850515, 0.5059867434417514),
-    (3.8932709614229464, -8.042584258373243, 7.307889896211923, -2.7484449185003426, 0.3599419647464378),
+N3_L2_5E_3_C5 = (  # err on [ℓ,1] 0.2263, f'(0) 343.2
+    (14.582090963295446, -137.0316809342516, 438.102089153077, -541.1430890556761, 226.26859183965067),
+    (6.327152576741085, -13.860733666276783, 10.689176855978609, -3.2090010058342298, 0.32706338903814614),
+    (3.719500842429281, -7.021881796681777, 5.857791095109108, -2.025724503436578, 0.24410294420070425),
 )
-N3C1_L1E_3 = (
-    (14.782929825959455, -139.56324711587718, 446.79643087423, -552.2381682797386, 230.99544915534196),
-    (7.164027149723511, -17.493813828924058, 14.695962430477831, -4.78131247217127, 0.5270769532400801),
-    (5.270747047340129, -12.042808795609659, 10.555979398897794, -3.67823931970149, 0.4387492877042094),
-    (1.6682740621939998, -0.5201178106017704),
+N3_L2_5E_3_C10 = (  # err on [ℓ,1] 0.2691, f'(0) 319.7
+    (14.582090963295446, -137.0316809342516, 438.102089153077, -541.1430890556761, 226.26859183965067),
+    (6.079156423717583, -12.166248138024091, 8.555768856971053, -2.341253265086981, 0.21747249677537678),
+    (3.606597471495476, -6.365409306236752, 4.8613987572231165, -1.528487543761455, 0.16694966257022525),
+)
+C2N2_L2_5E_3 = (  # err on [ℓ,1] 0.2355, f'(0) 337.9
+    (5.05586824344853, -4.847630766513172),
+    (2.564034995862322, -0.6450582569282002),
+    (6.695899348320761, -16.168774709381935, 13.706510409505913, -4.5203448009531435, 0.5059961239140407),
+    (3.893262232834083, -8.042530315406708, 7.307808741581421, -2.7484023710224763, 0.3599348212919251),
+)
+N3C1_L1E_3 = (  # err on [ℓ,1] 0.1767, f'(0) 931.2
+    (14.782936378052387, -139.5633313922867, 446.7967195031129, -552.2385341680118, 230.99560401526887),
+    (7.163343371596086, -17.491519901266734, 14.693868844920923, -4.7806030747277175, 0.5269967573692027),
+    (5.27120228864091, -12.045755201518011, 10.560194448324012, -3.6802734399141754, 0.4390592031824463),
+    (1.6682678512121445, -0.5201120101189156),
 )
 
 POWERS = {1: 0, 2: 1, 4: 2}  # m×m products to form p(A) beyond A itself (degree in y → cost)
@@ -95,8 +106,9 @@ class Cand:
     safety: float = 1.0
     form: str = "auto"          # "direct", "gram", "auto" (cheaper by FLOPs per shape)
     factored: bool = True       # evaluate degree-4 steps as c4·q1(A)·q2(A) (else Paterson–Stockmeyer)
-    loop32: bool = False        # bf16 only: Gram m×m loop in fp32 (bf16 in / fp32 out big products)
-    split: bool = False         # bf16 only: Q·X as bf16(Q)·X + bf16(Q − bf16(Q))·X (one more m²n)
+    loop: str = "same"          # bf16 only: precision of the m×m work, see `Prec`
+    qx: str = "bf16"            # bf16 only: how P·X / Q·X round P or Q, see `Prec`
+    loop_direct: str | None = None  # bf16 only: m×m precision for shapes run in direct form (default `loop`)
     restart: tuple = ()         # Gram: re-form X ← Q·X and A ← XXᵀ after these steps (0-based)
     torch_muon: bool = False    # call torch.optim._muon._zeropower_via_newtonschulz (bf16 only)
     note: str = ""
@@ -131,29 +143,34 @@ def step_cost(d: int) -> int:
     return POWERS[d]
 
 
-def flops(c: Cand, rows: int, cols: int, form: str | None = None) -> float:
-    """Matmul multiply-adds of candidate c on one rows×cols matrix (form forced or c's choice)."""
+def flops(c: Cand, rows: int, cols: int, form: str | None = None, sym: bool = False) -> float:
+    """Matmul multiply-adds of candidate c on one rows×cols matrix (form forced or c's choice).
+
+    sym=True counts products whose result is symmetric (X Xᵀ, and every m×m product here: they
+    are all polynomials in the same A, so they commute) at half, as a symmetric GEMM (SYRK-like
+    kernel) computes one triangle; P·X and Q·X stay full. Applied to Muon too."""
     m, n = sorted((rows, cols))
     big, small = m * m * n, m ** 3
+    h = 0.5 if sym else 1.0
     if c.torch_muon or c.name.startswith("Muon"):
-        return 5 * (2 * big + small)
+        return 5 * (big * (1 + h) + small * h)
     form = form or pick_form(c, rows, cols)
     degs = [len(s) - 1 for s in c.sched]
     extra_a2 = 1 if (c.norm == "a2" and degs[0] < 2) else 0  # A² only for the normaliser
     if form == "direct":
-        return sum(2 * big + step_cost(d) * small for d in degs) + extra_a2 * small
+        return sum(big * (1 + h) + step_cost(d) * small * h for d in degs) + extra_a2 * small * h
     total, K = 0.0, len(degs)
     seg_start = 0
     ends = sorted(set(c.restart) | {K - 1})
     for end in ends:
         seg = degs[seg_start:end + 1]
-        total += big + big * (2 if c.split else 1)  # A = XXᵀ, then Q·X
+        total += big * h + big * (2 if c.qx == "split" else 1)  # A = XXᵀ, then Q·X
         for j, d in enumerate(seg):
-            total += step_cost(d) * small
-            total += small if j > 0 else 0            # Q ← P·Q
-            total += 2 * small if j < len(seg) - 1 else 0  # A ← P·A·P
+            total += step_cost(d) * small * h
+            total += small * h if j > 0 else 0            # Q ← P·Q
+            total += 2 * small * h if j < len(seg) - 1 else 0  # A ← P·A·P
         seg_start = end + 1
-    return total + extra_a2 * small
+    return total + extra_a2 * small * h
 
 
 def pick_form(c: Cand, rows: int, cols: int) -> str:
@@ -165,7 +182,65 @@ def pick_form(c: Cand, rows: int, cols: int) -> str:
 # --------------------------------------------------------------------------------------------
 # The iteration
 # --------------------------------------------------------------------------------------------
-def _poly_nc(A, A2, coeffs, factored, fq):
+def _tf32(t: torch.Tensor) -> torch.Tensor:
+    """Round fp32 to TF32 (10-bit mantissa, round to nearest) — a tensor-core TF32 GEMM input."""
+    i = t.contiguous().view(torch.int32)
+    return ((i + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+class Prec:
+    """Where each product is rounded. `loop` is the precision of the m×m work (A, A², P, Q, P·A·P):
+    "same" = the compute dtype throughout (plain bf16 or fp32 tensors); "fp32"; "tf32" (inputs
+    rounded to TF32, fp32 accumulate/output); "fp16" (fp16 inputs and outputs, fp32 accumulate).
+    The big products (X Xᵀ, P·X, Q·X) always take X in the compute dtype; with a non-"same" loop
+    X Xᵀ accumulates in fp32 and is stored at loop precision, and P·X / Q·X round P (or Q) to
+    `qx` ("bf16", "fp16" — then X is also fed as fp16 —, or "split": bf16(Q) plus bf16 of the
+    remainder, one more m²n), accumulate in fp32 and return the compute dtype."""
+
+    def __init__(self, loop: str, qx: str, dtype: torch.dtype):
+        self.loop, self.qx, self.dtype = loop, qx, dtype
+
+    def store(self, t):
+        if self.loop == "same":
+            return t.to(self.dtype)
+        if self.loop == "fp16":
+            return t.half().float()
+        if self.loop == "tf32":
+            return t.float()
+        return t.float()
+
+    def mm(self, a, b):
+        if self.loop == "same":
+            return a @ b
+        if self.loop == "tf32":
+            return _tf32(a) @ _tf32(b)
+        if self.loop == "fp16":
+            return (a.half().float() @ b.half().float()).half().float()
+        return a @ b
+
+    def aat(self, X):
+        if self.loop == "same":
+            return X @ X.T
+        Xf = X.float()
+        return self.store(Xf @ Xf.T)
+
+    def apply(self, P, X, c0=None):
+        """(c0·I + P)·X in the compute dtype."""
+        if self.loop == "same":
+            return P @ X if c0 is None else c0 * X + P @ X
+        if self.qx == "fp16":
+            out = P.half().float() @ X.half().float()
+        else:
+            ph = P.to(self.dtype).float()
+            out = ph @ X.float()
+            if self.qx == "split":
+                out = out + (P - ph).to(self.dtype).float() @ X.float()
+        if c0 is not None:
+            out = out + c0 * X.float()
+        return out.to(self.dtype)
+
+
+def _poly_nc(pr: Prec, A, A2, coeffs, factored, fq):
     """p(A) − c0·I (the constant is applied separately, as Muon does, to keep it exact)."""
     d = len(coeffs) - 1
     if d == 1:
@@ -177,10 +252,10 @@ def _poly_nc(A, A2, coeffs, factored, fq):
         eye = torch.eye(A.shape[0], dtype=A.dtype)
         q1 = A2 + a1 * A + b1 * eye
         q2 = A2 + a2 * A + b2 * eye
-        p = c4 * (q1 @ q2)
+        p = c4 * pr.mm(q1, q2)
         p.diagonal().sub_(coeffs[0])
         return p
-    return coeffs[1] * A + coeffs[2] * A2 + A2 @ (coeffs[3] * A + coeffs[4] * A2)
+    return coeffs[1] * A + coeffs[2] * A2 + pr.mm(A2, coeffs[3] * A + coeffs[4] * A2)
 
 
 def orthogonalize(c: Cand, G: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -189,75 +264,57 @@ def orthogonalize(c: Cand, G: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return _zeropower_via_newtonschulz(G, MUON, 5, 1e-7).float()
     tall = G.shape[0] > G.shape[1]
     X = (G.T if tall else G).to(dtype)
-    m, n = X.shape
     degs = [len(s) - 1 for s in c.sched]
+    form = pick_form(c, *G.shape)
+    loop = (c.loop_direct or c.loop) if form == "direct" else c.loop
+    pr = Prec(loop if dtype != torch.float32 else "same", c.qx, dtype)
     # Frobenius prescale (overflow-safe; a zero matrix stays exactly 0).
     fro = X.float().norm()
-    X = (X.float() / (fro * c.safety + 1e-7)).to(dtype) if c.norm in ("fro", "a2", "aol") else X
-    form = pick_form(c, *G.shape)
-    lp = dtype if not (dtype == torch.bfloat16 and c.loop32 and form == "gram") else torch.float32
-
-    def big_aat(Xc):  # A = X Xᵀ in the loop dtype (bf16 in, fp32 accumulate when lp is fp32)
-        return (Xc.to(lp) @ Xc.to(lp).T) if lp != Xc.dtype else Xc @ Xc.T
-
-    A = big_aat(X)
-    A2 = A @ A if (degs[0] >= 2 or c.norm == "a2") else None
-    if c.norm == "a2":
-        s = A2.float().norm().clamp_min(1e-30).pow(0.25)  # ‖A²‖_F^¼ ≥ σ_max(X)
+    X = (X.float() / (fro * c.safety + 1e-7)).to(dtype)
+    A = pr.aat(X)
+    A2 = pr.mm(A, A) if (degs[0] >= 2 or c.norm == "a2") else None
+    if c.norm == "a2":  # ‖A²‖_F^¼ = (Σσ⁸)^⅛ ≥ σ_max, from the A² that step 1 needs anyway
+        s = A2.float().norm().clamp_min(1e-30).pow(0.25)
         s = torch.where(fro > 0, s, torch.ones_like(s))
         X = (X.float() / s).to(dtype)
-        A = (A.float() / s ** 2).to(A.dtype)
-        A2 = (A2.float() / s ** 4).to(A2.dtype)
-    elif c.norm == "aol":
-        r = A.float().abs().sum(dim=1).clamp_min(1e-30).rsqrt()
-        r = torch.where(A.float().abs().sum(dim=1) > 0, r, torch.zeros_like(r))
+        A = pr.store(A.float() / s ** 2) if pr.loop != "same" else (A.float() / s ** 2).to(dtype)
+        A2 = pr.store(A2.float() / s ** 4) if pr.loop != "same" else (A2.float() / s ** 4).to(dtype)
+    elif c.norm == "aol":  # Turbo-Muon: rows scaled by (Σ_j |A_ij|)^-½ (guarantees ‖X‖₂ ≤ 1)
+        rs = A.float().abs().sum(dim=1)
+        r = torch.where(rs > 0, rs.clamp_min(1e-30).rsqrt(), torch.zeros_like(rs))
         X = (X.float() * r[:, None]).to(dtype)
         A = (A.float() * r[:, None] * r[None, :]).to(A.dtype)
-        A2 = A @ A if degs[0] >= 2 else None
+        A2 = pr.mm(A, A) if degs[0] >= 2 else None
 
     if form == "direct":
         for k, coeffs in enumerate(c.sched):
             if k > 0:
-                A = X @ X.T
-                A2 = A @ A if degs[k] >= 2 else None
-            pnc = _poly_nc(A, A2, coeffs, c.factored, c.fq[k] if c.fq else None)
-            X = coeffs[0] * X + pnc.to(X.dtype) @ X
+                A = pr.aat(X)
+                A2 = pr.mm(A, A) if degs[k] >= 2 else None
+            pnc = _poly_nc(pr, A, A2, coeffs, c.factored, c.fq[k] if c.fq else None)
+            X = pr.apply(pnc, X, coeffs[0])
         out = X
     else:
-        X0 = X
-        Q = None
-        K = len(c.sched)
+        X0, Q, K = X, None, len(c.sched)
         for k, coeffs in enumerate(c.sched):
-            if k > 0 and A2 is None and degs[k] >= 2:
-                A2 = A @ A
-            pnc = _poly_nc(A, A2, coeffs, c.factored, c.fq[k] if c.fq else None)
+            if A2 is None and degs[k] >= 2:
+                A2 = pr.mm(A, A)
+            pnc = _poly_nc(pr, A, A2, coeffs, c.factored, c.fq[k] if c.fq else None)
             if Q is None:
                 Q = pnc.clone()
                 Q.diagonal().add_(coeffs[0])
             else:
-                Q = coeffs[0] * Q + pnc @ Q
+                Q = pr.store(coeffs[0] * Q + pr.mm(pnc, Q))
             A2 = None
-            if k in c.restart and k < K - 1:
-                X0 = _apply_q(Q, X0, dtype, c.split)
-                A = big_aat(X0)
-                Q = None
+            if k in c.restart and k < K - 1:     # restart: X ← Q·X, A ← X Xᵀ, Q ← I
+                X0 = pr.apply(Q, X0)
+                A, Q = pr.aat(X0), None
             elif k < K - 1:
-                B = coeffs[0] * A + pnc @ A      # P·A
-                A = coeffs[0] * B + pnc @ B      # P·A·P
-        out = _apply_q(Q, X0, dtype, c.split)
+                B = pr.store(coeffs[0] * A + pr.mm(pnc, A))   # P·A
+                A = pr.store(coeffs[0] * B + pr.mm(pnc, B))   # P·A·P
+        out = pr.apply(Q, X0)
     out = out.float()
     return out.T if tall else out
-
-
-def _apply_q(Q, X, dtype, split):
-    if Q.dtype == X.dtype:
-        return Q @ X
-    # Q is fp32, X is bf16: GEMM with bf16 inputs and fp32 accumulation, bf16 output.
-    qh = Q.to(dtype)
-    out = qh.float() @ X.float()
-    if split:
-        out = out + (Q - qh.float()).to(dtype).float() @ X.float()
-    return out.to(dtype)
 
 
 def muon_reference(G: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -349,19 +406,24 @@ def candidates() -> list[Cand]:
     C.append(Cand("Muon (same alg., reimpl.)", (MUON,) * 5, norm="fro", form="direct",
                   note="fp32 row = Muon's algorithm in fp32"))
     C.append(Cand("PolarExpress 5 (normgraph table)", POLAR_EXPRESS, norm="fro", safety=1.02, form="direct"))
-    C.append(Cand("Q3 fit (a2) auto", Q3_L2_5E_3, loop32=True))
-    C.append(Cand("Q4 fit (a2) direct", Q4_L2_5E_3, form="direct"))
-    C.append(Cand("Q4 fit (a2) gram/bf16 loop", Q4_L2_5E_3, form="auto"))
-    C.append(Cand("Q4 fit (a2) gram/fp32 loop", Q4_L2_5E_3, form="auto", loop32=True))
-    C.append(Cand("N3 fit (a2) direct, monomial", N3_L2_5E_3, form="direct", factored=False))
-    C.append(Cand("N3 fit (a2) direct, factored", N3_L2_5E_3, form="direct"))
-    C.append(Cand("N3 fit (a2) gram/bf16 loop", N3_L2_5E_3, form="auto"))
-    C.append(Cand("N3 fit (a2) gram/fp32 loop", N3_L2_5E_3, form="auto", loop32=True))
-    C.append(Cand("N3 fit (a2) gram/fp32 loop + split QX", N3_L2_5E_3, form="auto", loop32=True, split=True))
-    C.append(Cand("N3 fit (a2) gram/bf16, restart after 1", N3_L2_5E_3, form="auto", restart=(0,)))
-    C.append(Cand("C2N2 fit (a2) direct, factored", C2N2_L2_5E_3, form="direct"))
-    C.append(Cand("C2N2 fit (a2) gram/fp32 loop", C2N2_L2_5E_3, form="auto", loop32=True))
-    C.append(Cand("N3C1 fit ℓ=1e-3 (a2) gram/fp32 loop", N3C1_L1E_3, form="auto", loop32=True))
+    C.append(Cand("Q3 fit, auto, fp32 loop", Q3_L2_5E_3, loop="fp32"))
+    C.append(Cand("Q4 fit, direct, bf16", Q4_L2_5E_3, form="direct"))
+    C.append(Cand("Q4 fit, auto, fp32 loop", Q4_L2_5E_3, loop="fp32"))
+    C.append(Cand("N3 fit, auto, bf16 loop (plain Gram)", N3_L2_5E_3))
+    C.append(Cand("N3 fit, direct, bf16, monomial", N3_L2_5E_3, form="direct", factored=False))
+    C.append(Cand("N3 fit, auto, fp32 loop", N3_L2_5E_3, loop="fp32"))
+    C.append(Cand("N3 fit, auto, fp32 loop, split QX", N3_L2_5E_3, loop="fp32", qx="split"))
+    C.append(Cand("N3c5 fit, auto, fp32 loop", N3_L2_5E_3_C5, loop="fp32"))
+    C.append(Cand("N3c5 fit, auto, fp32 loop, fp16 QX", N3_L2_5E_3_C5, loop="fp32", qx="fp16"))
+    C.append(Cand("N3c5 fit, auto, fp32/tf32(direct) loop, fp16 QX", N3_L2_5E_3_C5, loop="fp32", loop_direct="tf32", qx="fp16"))
+    C.append(Cand("N3c5 fit, direct, tf32 loop, fp16 PX", N3_L2_5E_3_C5, form="direct", loop="tf32", qx="fp16"))
+    C.append(Cand("N3c5 fit, direct, bf16", N3_L2_5E_3_C5, form="direct"))
+    C.append(Cand("N3c10 fit, auto, fp32 loop, fp16 QX", N3_L2_5E_3_C10, loop="fp32", qx="fp16"))
+    C.append(Cand("N3c10 fit, auto, tf32 loop, fp16 QX", N3_L2_5E_3_C10, loop="tf32", qx="fp16"))
+    C.append(Cand("N3c10 fit, auto, fp32 loop, split QX", N3_L2_5E_3_C10, loop="fp32", qx="split"))
+    C.append(Cand("N3c10 fit, gram+restart@1, fp32 loop", N3_L2_5E_3_C10, form="gram", loop="fp32", restart=(0,)))
+    C.append(Cand("C2N2 fit, auto, fp32 loop", C2N2_L2_5E_3, loop="fp32"))
+    C.append(Cand("N3C1 fit ℓ=1e-3, auto, fp32 loop", N3C1_L1E_3, loop="fp32"))
     C.append(Cand("Turbo-Muon-like: AOL + Muon 4 steps", (MUON,) * 4, norm="aol", form="direct"))
     C.append(Cand("AOL + Q4 fit direct", Q4_L2_5E_3, norm="aol", form="direct"))
     for c in C:
@@ -369,10 +431,10 @@ def candidates() -> list[Cand]:
     return C
 
 
-def layer_ratio(c: Cand, split_qkv: bool) -> float:
+def layer_ratio(c: Cand, split_qkv: bool, sym: bool = False) -> float:
     shapes = ([(384, 384)] * 3 if split_qkv else [(1152, 384)]) + [(384, 384), (1536, 384), (384, 1536)]
-    muon = sum(5 * (2 * min(s) ** 2 * max(s) + min(s) ** 3) for s in shapes)
-    return sum(flops(c, *s) for s in shapes) / muon
+    muon = Cand("Muon", ())
+    return sum(flops(c, *s, sym=sym) for s in shapes) / sum(flops(muon, *s, sym=sym) for s in shapes)
 
 
 def main() -> None:
@@ -380,6 +442,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="substrings of candidate names to run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--verbose", action="store_true", help="print every matrix's err and σ_max")
     args = ap.parse_args()
     print(f"# ns_candidates: torch {torch.__version__}, CPU {platform.processor() or platform.machine()}, "
           f"threads {torch.get_num_threads()} (single-threaded timings), seed {args.seed}")
@@ -388,7 +451,7 @@ def main() -> None:
     layer = [torch.randn(*s, generator=torch.Generator().manual_seed(1)) for s in SHAPES]
     rows = []
     for c in cands:
-        ratio = (layer_ratio(c, False), layer_ratio(c, True))
+        ratio = (layer_ratio(c, False), layer_ratio(c, True), layer_ratio(c, False, sym=True), layer_ratio(c, True, sym=True))
         forms = ",".join("G" if pick_form(c, *s) == "gram" else "D" for s in SHAPES)
         per_shape = "/".join(f"{flops(c, *s) / (5 * (2 * min(s)**2 * max(s) + min(s)**3)):.2f}" for s in SHAPES)
         for dtype in (torch.float32, torch.bfloat16):
@@ -403,6 +466,9 @@ def main() -> None:
                 else:
                     O = orthogonalize(c, case.G, dtype)
                 r = measure(O, case)
+                if args.verbose:
+                    print(f"    {c.name[:30]:30s} {str(dtype)[6:]:8s} {case.family:9s} {case.shape}: err {r['err']:.4f} "
+                          f"σmax {r['smax']:.4f}" + (f" leak {r['leak']:.2e}" if "leak" in r else ""))
                 finite &= r["finite"]
                 if case.family == "zero":
                     zero_ok &= r["finite"] and r["err"] == 0.0
@@ -425,19 +491,19 @@ def main() -> None:
                 ts.append(time.perf_counter() - t0)
             t = statistics.median(ts[1:])
             rows.append((c.name, str(dtype)[6:], ratio, per_shape, forms, worst, smax_cond, smax_all, leak, zero_ok, finite, t))
-            print(f"{c.name:44s} {str(dtype)[6:]:8s} FLOPs/Muon layer {ratio[0]:.3f} (QKV split {ratio[1]:.3f}) "
+            print(f"{c.name:44s} {str(dtype)[6:]:8s} FLOPs/Muon layer {ratio[0]:.3f} (QKV split {ratio[1]:.3f}; sym {ratio[2]:.3f}/{ratio[3]:.3f}) "
                   f"per-shape {per_shape} [{forms}] | err gauss {worst['gaussian']:.3f} power {worst['powerlaw']:.3f} "
                   f"cond {worst['cond1e4']:.3f} rank16 {worst['rank16']:.3f} | σmax cond {smax_cond:.3f} all {smax_all:.3f} "
                   f"| leak16 {leak:.2e} zero→0 {zero_ok} finite {finite} | {t * 1e3:.1f} ms/layer", flush=True)
     # markdown table
     base = {r[1]: r[-1] for r in rows if r[0].startswith("Muon (torch")}
     base32 = {r[1]: r[-1] for r in rows if r[0].startswith("Muon (same")}
-    print("\n| candidate | dtype | FLOPs/Muon layer (QKV whole / split) | per shape 1152×384/384²/1536×384/384×1536 "
+    print("\n| candidate | dtype | FLOPs/Muon layer (QKV whole / split) | same, symmetric products at ½ | per shape 1152×384/384²/1536×384/384×1536 "
           "| err gauss | err power | err cond1e4 | err rank16 | σmax cond | σmax all | ms/layer (1 thread) | time/Muon bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    tb = base.get("bfloat16") or base32.get("bfloat16")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    tb = base.get("bfloat16") or base32.get("bfloat16") or rows[0][-1]
     for (name, dt, ratio, per, forms, w, sc, sa, lk, zok, fin, t) in rows:
-        print(f"| {name} | {dt} | {ratio[0]:.3f} / {ratio[1]:.3f} | {per} [{forms}] | {w['gaussian']:.3f} | {w['powerlaw']:.3f} "
+        print(f"| {name} | {dt} | {ratio[0]:.3f} / {ratio[1]:.3f} | {ratio[2]:.3f} / {ratio[3]:.3f} | {per} [{forms}] | {w['gaussian']:.3f} | {w['powerlaw']:.3f} "
               f"| {w['cond1e4']:.3f} | {w['rank16']:.3f} | {sc:.3f} | {sa:.3f} | {t * 1e3:.1f} | {t / tb:.2f} |")
 
 

@@ -6,12 +6,14 @@ module wires them together (analysis → optim for `compile`, analysis → io fo
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 import torch
 
 from .analysis.analyze import analyze
@@ -19,7 +21,7 @@ from .codegen.options import MapOptions
 from .core.graph import NormGraph
 from .io.annotations import check_against, load
 from .io.onnx import write_onnx
-from .optim.optimizer import NormGraphOptimizer
+from .optim.optimizer import WRAPPER_PREFIX, NormGraphOptimizer, unwrap_data_parallel
 
 
 def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: dict[str, Any] | None = None, *,  # noqa: A001
@@ -27,7 +29,7 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
             orthogonalizer: str = "newton-schulz", ns_steps: int = 5, ns_coefficients: str | Sequence = "quintic",
             annotations: NormGraph | str | os.PathLike | None = None, masses: dict[str, float] | None = None,
             compute_dtype: torch.dtype | None = None, ns_method: str = "auto", compile_mode: str = "default",
-            backend: str | None = "inductor", sensitivity: str = "scale",
+            backend: str | None = "inductor", sensitivity: str = "scale", shard_map: bool | None = None,
             **analyze_kwargs: Any) -> NormGraphOptimizer:
     """Analyze `model` (or take `annotations`: a NormGraph or a JSON path, no tracing then)
     and build the optimizer around its generated duality map.
@@ -38,12 +40,23 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
     state dict. `compile_mode="eager"` (or `backend=None`) skips torch.compile; if compiling
     fails the map warns and runs eagerly. Unknown keyword arguments go to
     `normgraph.analyze` (e.g. ``conv_mode="flatten"``), and so does `sensitivity`.
+
+    A `DistributedDataParallel` model is analysed through its `.module` (names, masses and
+    annotations work with or without the "module." prefix), and by default (`shard_map=None`)
+    its ranks split the orthogonalizations (`normgraph.optim.sharded`, docs/distributed.md).
     """
     options = MapOptions(orthogonalizer=orthogonalizer, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
                          compute_dtype=compute_dtype, ns_method=ns_method, compile_mode=compile_mode,
                          backend=backend)  # validated before anything is traced
+    inner = unwrap_data_parallel(model)
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    group = model.process_group if ddp else None
+    if shard_map is None:
+        shard_map = ddp and torch.distributed.get_world_size(group) > 1
+    if masses is not None and inner is not model:
+        masses = {k.removeprefix(WRAPPER_PREFIX): v for k, v in masses.items()}
     if annotations is None:
-        norm_graph = analyze(model, example_inputs, example_kwargs, masses=masses, sensitivity=sensitivity,
+        norm_graph = analyze(inner, example_inputs, example_kwargs, masses=masses, sensitivity=sensitivity,
                              **analyze_kwargs)
     else:
         if (masses is not None or analyze_kwargs or example_inputs is not None or example_kwargs is not None
@@ -51,9 +64,23 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
             warnings.warn("normgraph.compile: annotations given, so example inputs, masses and analyze "
                           "options are ignored (nothing is traced)", UserWarning, stacklevel=2)
         norm_graph = annotations if isinstance(annotations, NormGraph) else load(annotations)
-        check_against(norm_graph, model)  # lists every mismatch with the model at once
-    return NormGraphOptimizer(model, norm_graph, lr=lr, momentum=momentum, nesterov=nesterov,
-                              weight_decay=weight_decay, map_options=options)
+        if inner is not model:
+            norm_graph = _without_prefix(norm_graph, WRAPPER_PREFIX)
+        check_against(norm_graph, inner)  # lists every mismatch with the model at once
+    return NormGraphOptimizer(inner, norm_graph, lr=lr, momentum=momentum, nesterov=nesterov,
+                              weight_decay=weight_decay, map_options=options, shard_map=shard_map,
+                              process_group=group)
+
+
+def _without_prefix(ng: NormGraph, prefix: str) -> NormGraph:
+    """Annotations saved from a wrapped model's names ("module.h.0...") for its inner module."""
+    if not ng.atoms or not all(n.startswith(prefix) for n in ng.atoms):
+        return ng
+    atoms = {}
+    for name, atom in ng.atoms.items():
+        atoms[name[len(prefix):]] = dataclasses.replace(atom, name=name[len(prefix):])
+    graph = nx.relabel_nodes(ng.graph, {n: n[len(prefix):] for n in ng.graph if n in ng.atoms}, copy=True)
+    return NormGraph(atoms, graph, ng.diagnostics)
 
 
 def export_onnx(model: Any, example_inputs: Sequence[Any] | Any, path: str | Path, *,

@@ -21,6 +21,7 @@ from .. import codegen
 from ..codegen.options import MapOptions, options_from
 from ..core.graph import Atom, NormGraph
 from . import functional as F
+from .sharded import ShardedMap
 
 
 class NormGraphOptimizer(torch.optim.Optimizer):
@@ -29,7 +30,8 @@ class NormGraphOptimizer(torch.optim.Optimizer):
     Attributes: `norm_graph` (the analysis), `dualize` (the compiled duality map for all
     trainable atoms, gradients in `param_groups` order), `source` (its Python source),
     `map_options` (the `MapOptions` it was generated with; kept in every param group as a
-    dict, so it is in `state_dict`), `last_step_skipped` (True when the last step saw a
+    dict, so it is in `state_dict`), `shard_map` (whether the orthogonalizations are split
+    over the ranks of `process_group`, see `optim.sharded`), `last_step_skipped` (True when the last step saw a
     non-finite gradient and changed nothing), `skipped_steps` (how many such steps so far).
 
     Parameters whose `grad` is None in a step (frozen, unused) are left exactly as they
@@ -41,12 +43,15 @@ class NormGraphOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]], norm_graph: NormGraph, *,
                  lr: float = 0.1, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
-                 map_options: MapOptions | None = None, **options: Any) -> None:
+                 map_options: MapOptions | None = None, shard_map: bool = False,
+                 process_group: Any = None, **options: Any) -> None:
         if not (math.isfinite(lr) and lr >= 0 and 0 <= momentum < 1
                 and math.isfinite(weight_decay) and weight_decay >= 0):
             raise ValueError(f"need a finite lr >= 0, 0 <= momentum < 1, a finite weight_decay >= 0; "
                              f"got lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
         map_opts = options_from(map_options, options)  # validates every option now, not at the first step
+        if isinstance(params, torch.nn.Module):
+            params = unwrap_data_parallel(params)  # names as the analysis sees them (no "module.")
         named = dict(params.named_parameters() if isinstance(params, torch.nn.Module) else params)
         self.norm_graph = norm_graph
         groups = [{"params": [p], "name": name} for name, p in _trainable(named, norm_graph)]
@@ -58,8 +63,13 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self.last_step_skipped = False
         self.skipped_steps = 0
-        self._maps: dict[str, codegen.DualityMap] = {}
-        self._fast: dict[tuple, codegen.DualityMap] = {}
+        self.shard_map = bool(shard_map)
+        self.process_group = process_group
+        if self.shard_map and not torch.distributed.is_initialized():
+            raise ValueError("shard_map=True needs an initialized torch.distributed process group "
+                             "(torch.distributed.init_process_group)")
+        self._maps: dict[str, Any] = {}
+        self._fast: dict[tuple, Any] = {}
         self._map_for(list(range(len(self.param_groups))), [g["params"][0] for g in self.param_groups])
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -118,14 +128,17 @@ class NormGraphOptimizer(torch.optim.Optimizer):
 
     def group(self, name: str) -> dict[str, Any]:
         """The param group (lr, momentum, nesterov, weight_decay) of the parameter `name`."""
-        for g in self.param_groups:
-            if g["name"] == name:
-                return g
+        for candidate in (name, name.removeprefix(WRAPPER_PREFIX)):  # DDP's names work too
+            for g in self.param_groups:
+                if g["name"] == candidate:
+                    return g
         raise KeyError(f"no parameter named {name!r} in this optimizer")
 
     @property
-    def dualize(self) -> codegen.DualityMap:
-        """The duality map over all trainable atoms, for the parameters' current dtypes/devices."""
+    def dualize(self) -> Any:
+        """The duality map over all trainable atoms, for the parameters' current dtypes/devices
+        (a `codegen.DualityMap`, or with `shard_map` a `ShardedMap` whose `.source` is this
+        rank's share)."""
         return self._map_for(list(range(len(self.param_groups))), [g["params"][0] for g in self.param_groups])
 
     @property
@@ -133,7 +146,7 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         """Python source of the duality map over all trainable atoms (read it like fx's `.code`)."""
         return self.dualize.source
 
-    def _map_for(self, indices: list[int], tensors: list[torch.Tensor]) -> codegen.DualityMap:
+    def _map_for(self, indices: list[int], tensors: list[torch.Tensor]) -> Any:
         """The generated map for these atoms, gradient dtypes/devices and map options; generated
         on a miss. The fast key holds everything the full key does except the atoms' contents
         beyond (identity, budget, shape), which change only through the norm graph."""
@@ -147,7 +160,10 @@ class NormGraphOptimizer(torch.optim.Optimizer):
             return hit
         key = codegen.cache_key(atoms, specs, options)
         if key not in self._maps:
-            _, self._maps[key] = codegen.generate(atoms, options, specs=specs)
+            if self.shard_map:
+                self._maps[key] = ShardedMap(atoms, specs, options, self.process_group)
+            else:
+                _, self._maps[key] = codegen.generate(atoms, options, specs=specs)
         self._fast[fast] = self._maps[key]
         return self._maps[key]
 
@@ -208,6 +224,19 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("last_step_skipped", False)
         self.__dict__.setdefault("skipped_steps", 0)
+
+
+#: The prefix data-parallel wrappers add to parameter names (`DistributedDataParallel.module`).
+WRAPPER_PREFIX = "module."
+
+
+def unwrap_data_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel / DataParallel wrappers (the model itself
+    otherwise): its parameters are the same tensors, named without the "module." prefix."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
 
 
 def _trainable(named: dict[str, torch.nn.Parameter], ng: NormGraph) -> list[tuple[str, torch.nn.Parameter]]:

@@ -1,0 +1,95 @@
+"""Worker for tests/test_distributed.py: runs in each spawned rank (gloo, loopback only)."""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
+
+import normgraph
+
+STEPS = 3
+
+
+def build(kind: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if kind == "gpt":
+        from normgraph.demo.models import GPT, GPTConfig
+        model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32))
+        vocab = 64
+    else:
+        import transformers as T
+        model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16, resid_pdrop=0.0,
+                                                   embd_pdrop=0.0, attn_pdrop=0.0))
+        vocab = 64
+    ids = torch.randint(0, vocab, (8, 16), generator=torch.Generator().manual_seed(1))
+    return model, ids
+
+
+def loss_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids)
+    logits = out.logits if hasattr(out, "logits") else out
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def step_flops(opt: torch.optim.Optimizer) -> int:
+    with FlopCounterMode(display=False) as counter:
+        opt.step()
+    return counter.get_total_flops()
+
+
+def ddp(rank: int, world: int, port: int, kind: str, orthogonalizer: str, ns_method: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model, ids = build(kind)
+        reference = copy.deepcopy(model)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        kw = dict(lr=0.05, orthogonalizer=orthogonalizer, ns_method=ns_method, compile_mode="eager")
+        opt = normgraph.compile(wrapped, (ids[:1],), **kw)
+        ref = normgraph.compile(reference, (ids[:1],), **kw)
+        assert opt.shard_map and not ref.shard_map
+        local = ids[rank::world]  # equal shares: DDP's average of the local means is the global mean
+        flops = ref_flops = 0
+        for _ in range(STEPS):
+            opt.zero_grad()
+            loss_of(wrapped, local).backward()
+            flops = step_flops(opt)
+            ref.zero_grad()
+            for r in range(world):  # the same global batch in one process, accumulated per rank's share
+                (loss_of(reference, ids[r::world]) / world).backward()
+            ref_flops = step_flops(ref)
+        mine = dict(model.named_parameters())
+        for name, p in reference.named_parameters():
+            q = mine[name].detach()
+            assert torch.isfinite(q).all(), name
+            rel = (q - p.detach()).norm() / p.detach().norm().clamp_min(1e-30)
+            assert rel <= 1e-5, f"{name}: relative difference {rel:.3g} from the single-process run"
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        assert all(torch.equal(gathered[0], g) for g in gathered), "ranks are not bit-identical"
+        assert flops <= (1 / world + 0.1) * ref_flops, f"rank {rank}: {flops} of {ref_flops} FLOPs"
+        # resume: save on every rank (identical), reload into a fresh optimizer, continue identically
+        state = copy.deepcopy(opt.state_dict())
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.zero_grad()
+        loss_of(wrapped, local).backward()
+        opt.step()
+        after = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(params[n])
+        again = normgraph.compile(wrapped, (ids[:1],), **kw)
+        again.load_state_dict(state)
+        again.zero_grad()
+        loss_of(wrapped, local).backward()
+        again.step()
+        for n, p in model.named_parameters():
+            assert torch.equal(p.detach(), after[n]), f"resume differs at {n}"
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(f"{flops} {ref_flops}\n")
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,36 @@
+"""normgraph under torch.distributed with 2 gloo ranks on CPU (spawned processes, loopback)."""
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_worker  # noqa: E402
+
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, *args) -> None:
+    mp.spawn(fn, args=(WORLD, free_port(), *args), nprocs=WORLD, join=True)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "gpt2"])
+@pytest.mark.parametrize("orthogonalizer,ns_method", [("newton-schulz", "auto"), ("newton-schulz", "direct"),
+                                                      ("svd", "auto")])
+def test_ddp_matches_one_process_splits_the_work_and_resumes(kind, orthogonalizer, ns_method, tmp_path):
+    if kind == "gpt2":
+        pytest.importorskip("transformers")
+    spawn(distributed_worker.ddp, kind, orthogonalizer, ns_method, str(tmp_path))
+    for r in range(WORLD):
+        flops, ref = map(int, (tmp_path / f"rank{r}.txt").read_text().split())
+        assert flops <= (1 / WORLD + 0.1) * ref
