@@ -6,10 +6,16 @@ Accuracy measure (fixed by the issue): for G = U diag(σ) Vᵀ (float64 SVD) and
 err(G) = max_i |(Uᵀ O V)_ii − 1| over directions with σ_i ≥ 1e-3·σ_max; worst over a family.
 Matrices: GPT shapes at d=384 as nn.Linear weights (out, in): 1152×384, 384×384, 1536×384,
 384×1536; families: Gaussian, power-law σ_i = 1/i, log-spaced condition number 1e4 (random
-orthogonal singular vectors); plus rank-16 and all-zero inputs. Compute dtypes fp32 and bf16
-(bf16 is emulated faithfully on CPU: bf16 tensors, matmuls round their output to bf16; "fp32
-loop" variants form the m×m products from bf16 inputs with fp32 accumulation and keep them in
-fp32, like a tensor-core GEMM with an fp32 output).
+orthogonal singular vectors); plus rank-16 (err over its 16 directions, and "leak16" =
+‖(I − U₁₆U₁₆ᵀ)·O‖₂, what lands in the null space) and all-zero inputs (must give exactly 0).
+
+Compute dtypes: "float32" runs everything in fp32. "bfloat16" keeps X in bf16 (input cast to
+bf16 as torch.optim.Muon does; every P·X / Q·X result is stored in bf16). Where the m×m work
+goes is per candidate (`Prec`): plain bf16 tensors (CPU bf16 matmuls round their output to bf16,
+as a GPU GEMM with bf16 output does), or fp32 / TF32 / fp16 with X Xᵀ taken from bf16 inputs
+with fp32 accumulation (a tensor-core GEMM with fp32 output); P·X / Q·X then round P or Q to
+bf16, or to fp16 ("fp16 QX": fp16 inputs, same tensor-core rate as bf16), or split it into two
+bf16 parts ("split", one more m²n). TF32 is emulated by rounding GEMM inputs to 10 mantissa bits.
 
 FLOPs are multiply-adds of matmuls (m ≤ n after transposing tall matrices): X Xᵀ and P·X cost
 m²n, every m×m product m³; elementwise work is not counted. Relative to torch.optim.Muon
@@ -116,7 +122,9 @@ class Cand:
 
 
 def factor_quartic(c):
-    """c4·(y² + α1 y + β1)(y² + α2 y + β2) (see fit_schedule.factor_quartic; numpy-free copy)."""
+    """p(y) = c4·(y² + α1 y + β1)(y² + α2 y + β2) with real α, β (same pairing rule as
+    fit_schedule.factor_quartic: conjugate roots together, else the pairing with the smallest
+    max|q1|·max|q2| on [0, 1.02²]). Returns c4, (α1, β1), (α2, β2)."""
     import numpy as np
     c = np.asarray(c, dtype=float)
     roots = np.roots(c[::-1])
@@ -133,7 +141,7 @@ def factor_quartic(c):
             qs.append((float(al.real), float(be.real)))
         if len(qs) < 2:
             continue
-        k = max(abs(ys ** 2 + qs[0][0] * ys + qs[0][1]).max(), 1) * max(abs(ys ** 2 + qs[1][0] * ys + qs[1][1]).max(), 1)
+        k = abs(ys ** 2 + qs[0][0] * ys + qs[0][1]).max() * abs(ys ** 2 + qs[1][0] * ys + qs[1][1]).max()
         if best is None or k < best[0]:
             best = (k, float(c[4]), qs[0], qs[1])
     return best[1:]

@@ -21,7 +21,8 @@ from .codegen.options import MapOptions
 from .core.graph import NormGraph
 from .io.annotations import check_against, load
 from .io.onnx import write_onnx
-from .optim.optimizer import WRAPPER_PREFIX, NormGraphOptimizer, unwrap_data_parallel
+from .core.wrappers import WRAPPER_PREFIX, unwrap_data_parallel
+from .optim.optimizer import NormGraphOptimizer
 
 
 def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: dict[str, Any] | None = None, *,  # noqa: A001

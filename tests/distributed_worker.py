@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import os
 
 import torch
@@ -24,7 +25,7 @@ def build(kind: str) -> tuple[torch.nn.Module, torch.Tensor]:
         model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16, resid_pdrop=0.0,
                                                    embd_pdrop=0.0, attn_pdrop=0.0))
         vocab = 64
-    ids = torch.randint(0, vocab, (8, 16), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, vocab, (16, 16), generator=torch.Generator().manual_seed(1))
     return model, ids
 
 
@@ -73,7 +74,8 @@ def ddp(rank: int, world: int, port: int, kind: str, orthogonalizer: str, ns_met
         assert all(torch.equal(gathered[0], g) for g in gathered), "ranks are not bit-identical"
         assert flops <= (1 / world + 0.1) * ref_flops, f"rank {rank}: {flops} of {ref_flops} FLOPs"
         # resume: save on every rank (identical), reload into a fresh optimizer, continue identically
-        state = copy.deepcopy(opt.state_dict())
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt.zero_grad()
         loss_of(wrapped, local).backward()
@@ -83,12 +85,88 @@ def ddp(rank: int, world: int, port: int, kind: str, orthogonalizer: str, ns_met
             for n, p in model.named_parameters():
                 p.copy_(params[n])
         again = normgraph.compile(wrapped, (ids[:1],), **kw)
-        again.load_state_dict(state)
+        buf.seek(0)
+        again.load_state_dict(torch.load(buf, weights_only=True))
         again.zero_grad()
         loss_of(wrapped, local).backward()
         again.step()
         for n, p in model.named_parameters():
             assert torch.equal(p.detach(), after[n]), f"resume differs at {n}"
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(f"{flops} {ref_flops}\n")
+    finally:
+        dist.destroy_process_group()
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return list(model.blocks) if hasattr(model, "blocks") else list(model.transformer.h)
+
+
+def fsdp(rank: int, world: int, port: int, kind: str, orthogonalizer: str, ns_method: str, out_dir: str) -> None:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model, ids = build(kind)
+        reference = copy.deepcopy(model)
+        mesh = init_device_mesh("cpu", (world,))
+        for block in _blocks(model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        kw = dict(lr=0.05, orthogonalizer=orthogonalizer, ns_method=ns_method, compile_mode="eager")
+        opt = normgraph.compile(model, (ids[:1],), **kw)  # after sharding, as people build optimizers
+        ref = normgraph.compile(reference, (ids[:1],), **kw)
+        assert opt.row_sharded
+        for name, atom in ref.norm_graph.atoms.items():  # the same analysis on the shadow
+            assert opt.norm_graph.atoms[name].budget == atom.budget, name
+        local = ids[rank::world]
+        flops = ref_flops = 0
+        for _ in range(STEPS):
+            opt.zero_grad()
+            loss_of(model, local).backward()
+            flops = step_flops(opt)
+            ref.zero_grad()
+            for r in range(world):
+                (loss_of(reference, ids[r::world]) / world).backward()
+            ref_flops = step_flops(ref)
+        full = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
+        for name, p in reference.named_parameters():
+            assert torch.isfinite(full[name]).all(), name
+            rel = (full[name] - p.detach()).norm() / p.detach().norm().clamp_min(1e-30)
+            assert rel <= 1e-5, f"{name}: relative difference {rel:.3g} from the single-process run"
+        assert flops <= (1 / world + 0.1) * ref_flops, f"rank {rank}: {flops} of {ref_flops} FLOPs"
+        # checkpoint with torch.distributed.checkpoint, take a step, restore, take it again
+        ckpt = os.path.join(out_dir, "ckpt")
+        bufs = {opt.param_groups[i]["name"]: opt.state[g["params"][0]]["momentum_buffer"].to_local().clone()
+                for i, g in enumerate(opt.param_groups)}
+        saved = {n: p.detach().to_local().clone() for n, p in model.named_parameters()}
+        dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt)
+        opt.zero_grad()
+        loss_of(model, local).backward()
+        opt.step()
+        after = {n: p.detach().to_local().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.to_local().copy_(saved[n])
+        model.zero_grad(set_to_none=True)  # a fresh run: no gradients yet (DCP then builds the state's layout)
+        again = normgraph.compile(model, (ids[:1],), **kw)
+        state = {"optim": get_optimizer_state_dict(model, again)}
+        dcp.load(state, checkpoint_id=ckpt)
+        set_optimizer_state_dict(model, again, state["optim"])
+        for g in again.param_groups:
+            b = again.state[g["params"][0]]["momentum_buffer"].to_local()
+            assert torch.equal(b, bufs[g["name"]]), ("buffer", g["name"], (b - bufs[g["name"]]).abs().max())
+        for n, p in model.named_parameters():
+            assert torch.equal(p.detach().to_local(), saved[n]), ("param after load", n)
+        again.zero_grad()
+        loss_of(model, local).backward()
+        again.step()
+        for n, p in model.named_parameters():
+            assert torch.equal(p.detach().to_local(), after[n]), f"resume differs at {n}"
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(f"{flops} {ref_flops}\n")
     finally:

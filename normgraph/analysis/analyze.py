@@ -26,6 +26,7 @@ from .rules import (ATOM_RULES, PARAM_FLOW,
                     AtomSpec, BondInput, Use, bond_sensitivity, module_entry)
 from .scale import Scales, atom_gain, scaled_bond
 from .trace import Captured, capture
+from .wrappers import analysable
 
 SENSITIVITY_MODES = ("scale", "modula", "typical")
 
@@ -67,18 +68,21 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         raise ValueError(f"sensitivity={sensitivity!r}: expected one of {SENSITIVITY_MODES}")
     if conv_mode not in ("positional", "flatten"):
         raise ValueError(f"conv_mode={conv_mode!r}: expected 'positional' or 'flatten'")
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad and p.numel() > 0}
-    if not trainable:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters "
-                         "(all are frozen, empty, or it has none): nothing to optimize")
-    _refuse_unsupported(trainable)
+    _refuse_unsupported({n: p for n, p in model.named_parameters() if p.requires_grad and p.numel() > 0})
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     elif example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
+    model, example_inputs, example_kwargs, wrapped = analysable(model, example_inputs, example_kwargs)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad and p.numel() > 0}
+    if not trainable:
+        raise ValueError(f"{type(model).__name__} has no trainable parameters "
+                         "(all are frozen, empty, or it has none): nothing to optimize")
 
     cap = capture(model, example_inputs, dict(example_kwargs) if example_kwargs else None, frontend)
     diag = Diagnostics(frontend=cap.frontend, trace_errors=dict(cap.errors), notes=list(cap.notes))
+    if wrapped:
+        diag.notes.append(wrapped)
     if cap.graph is None:
         atoms = _module_atoms(model, trainable, conv_mode, diag)
         graph = nx.DiGraph()

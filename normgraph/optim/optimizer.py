@@ -20,7 +20,9 @@ import torch
 from .. import codegen
 from ..codegen.options import MapOptions, options_from
 from ..core.graph import Atom, NormGraph
+from ..core.wrappers import WRAPPER_PREFIX, unwrap_data_parallel
 from . import functional as F
+from .fsdp import RowShardedMap, mesh_group
 from .sharded import ShardedMap
 
 
@@ -65,6 +67,12 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.shard_map = bool(shard_map)
         self.process_group = process_group
+        tensors = [g["params"][0] for g in self.param_groups]
+        #: FSDP2: the map runs on local row shards (`optim.fsdp`), over the parameters' mesh.
+        self.row_sharded = _any_dtensor(tensors)
+        if self.row_sharded:
+            self.process_group = mesh_group(tensors)
+            self.shard_map = True
         if self.shard_map and not torch.distributed.is_initialized():
             raise ValueError("shard_map=True needs an initialized torch.distributed process group "
                              "(torch.distributed.init_process_group)")
@@ -151,7 +159,7 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         on a miss. The fast key holds everything the full key does except the atoms' contents
         beyond (identity, budget, shape), which change only through the norm graph."""
         atoms = [self.atom(i) for i in indices]
-        specs = [codegen.spec_of(t) for t in tensors]
+        specs = [codegen.spec_of(_local(t)) for t in tensors]
         options = self.map_options
         fast = (tuple(indices), tuple(specs), options,
                 tuple((id(a), a.budget, a.shape, a.dual) for a in atoms))
@@ -160,7 +168,9 @@ class NormGraphOptimizer(torch.optim.Optimizer):
             return hit
         key = codegen.cache_key(atoms, specs, options)
         if key not in self._maps:
-            if self.shard_map:
+            if self.row_sharded:
+                self._maps[key] = RowShardedMap(atoms, specs, options, self.process_group)
+            elif self.shard_map:
                 self._maps[key] = ShardedMap(atoms, specs, options, self.process_group)
             else:
                 _, self._maps[key] = codegen.generate(atoms, options, specs=specs)
@@ -190,14 +200,29 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         if sparse:
             raise RuntimeError(f"normgraph: sparse gradients are not supported ({', '.join(sparse[:3])}): "
                                "build the layer with sparse=False (nn.Embedding(..., sparse=False))")
-        if not F.all_finite(grads):
+        dualize = self._map_for(live, grads)
+        buffers = self._buffers(groups, params, grads)
+        if self.row_sharded:  # FSDP2: everything below runs on this rank's row shards
+            params, grads = [_local(p) for p in params], [_local(g) for g in grads]
+            buffers = [_local(b) if b is not None else None for b in buffers]
+        if not self._agreed_finite(grads):
             self._skip([g["name"] for g, gr in zip(groups, grads) if not torch.isfinite(gr).all()])
             return loss
-        F.normgraph_step(params, grads, self._buffers(groups, params, grads), self._map_for(live, grads),
+        F.normgraph_step(params, grads, buffers, dualize,
                          lrs=[g["lr"] for g in groups], momenta=[g["momentum"] for g in groups],
                          nesterovs=[bool(g["nesterov"]) for g in groups],
                          weight_decays=[g["weight_decay"] for g in groups])
         return loss
+
+    def _agreed_finite(self, grads: list[torch.Tensor]) -> bool:
+        """All gradients finite, on every rank (each sees only its shards under FSDP2, and all
+        ranks must skip a step together)."""
+        ok = F.all_finite(grads)
+        if self.row_sharded:
+            flag = torch.tensor([0.0 if ok else 1.0], device=grads[0].device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.process_group)
+            ok = flag.item() == 0
+        return ok
 
     def _buffers(self, groups: list[dict[str, Any]], params: list[torch.Tensor],
                  grads: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -226,17 +251,14 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("skipped_steps", 0)
 
 
-#: The prefix data-parallel wrappers add to parameter names (`DistributedDataParallel.module`).
-WRAPPER_PREFIX = "module."
+def _any_dtensor(tensors: list[torch.Tensor]) -> bool:
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(t, DTensor) for t in tensors)
 
 
-def unwrap_data_parallel(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside DistributedDataParallel / DataParallel wrappers (the model itself
-    otherwise): its parameters are the same tensors, named without the "module." prefix."""
-    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
-    return model
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (a view: in-place updates reach the DTensor), else `t`."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _trainable(named: dict[str, torch.nn.Parameter], ng: NormGraph) -> list[tuple[str, torch.nn.Parameter]]:
