@@ -50,12 +50,12 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             under it, split in proportion to their own masses; the longest key wins.
         kinds: parameter name -> kind, to override the rule's choice (e.g. a tied
             embedding treated as the output head: `{"wte.weight": "linear"}`).
-        frontend: "auto", "export", "symbolic_trace" or "modules" (see `normgraph.trace`).
+        frontend: "auto", "export", "symbolic_trace" or "modules" (see `normgraph.analysis.trace`).
         conv_mode: "positional" (per kernel position, the paper's rule) or "flatten".
         split_packed: orthogonalize packed projections (QKV split after one matmul) per block.
         sensitivity: "scale" (default): modula's worst-case path sum in the units the network
             uses: activation scales propagated from well-normed atoms, normalisations undo
-            the growth of a residual stream (see `normgraph.scale`, docs/concepts.md).
+            the growth of a residual stream (see `normgraph.analysis.scale`, docs/concepts.md).
             "modula": modula's algebra exactly (every activation unit-sized), as before.
             "typical": the "scale" mode with paths (and the scales of sums) combined in
             quadrature instead of added: typical rather than worst-case alignment. Flatter
@@ -160,7 +160,7 @@ def downstream(cap: Captured, scales: Scales | None = None) -> tuple[dict[fx.Nod
     """D of every node (reverse path-sum), and the ops whose sensitivity had to be assumed.
 
     Without `scales` the bonds are modula's (every activation unit-sized); with them, the
-    "scale" mode's (see `normgraph.scale`)."""
+    "scale" mode's (see `normgraph.analysis.scale`)."""
     p = scales.p if scales is not None else 1.0
     D: dict[fx.Node, float] = {n: 0.0 for n in cap.graph.nodes}  # Σ over uses of (s·D(use))^p
     for out in cap.outputs:

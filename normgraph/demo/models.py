@@ -93,5 +93,5 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def build_model() -> GPT:
-    """The demo's GPT at its default size, for ``normgraph inspect normgraph.models:build_model``."""
+    """The demo's GPT at its default size, for ``normgraph inspect normgraph.demo.models:build_model``."""
     return GPT(GPTConfig())

@@ -70,6 +70,7 @@ class RowShardedMap:
                  else 0.0 for i in whole]
         owner = dict(zip(whole, balance(costs, self.world)))
         self.owned = [[i for i in whole if owner[i] == r] for r in range(self.world)]
+        self.loads = [sum(c for i, c in zip(whole, costs) if owner[i] == r) for r in range(self.world)]
         mine = self.owned[self.rank]
         self.source, self.map = codegen.generate([self.atoms[i] for i in mine], options,
                                                  specs=[specs[i] for i in mine])
