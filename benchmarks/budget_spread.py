@@ -15,7 +15,7 @@ import torch
 import normgraph
 from normgraph.demo.models import GPT, GPTConfig
 
-MODES = ("modula", "scale", "typical")
+MODES = ("modula", "scale", "typical", "hybrid")
 
 
 def models(layers: int) -> dict[str, torch.nn.Module]:

@@ -1,6 +1,6 @@
 """Fit per-step odd-polynomial schedules for a Newton–Schulz-type polar iteration.
 
-    OMP_NUM_THREADS=1 python benchmarks/fit_schedule.py [--quick]
+    OMP_NUM_THREADS=1 python benchmarks/fit_schedule.py [--quick]     # needs scipy: pip install -e ".[fit]"
 
 A schedule is a list of steps; step k multiplies X on the left by p_k(X Xᵀ), where
 p_k(y) = c_k0 + c_k1·y + … + c_kd·y^d, so every singular value x goes to x·p_k(x²).

@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--lr", type=float, default=0.125)
-    p.add_argument("--sensitivity", default="scale")
+    p.add_argument("--sensitivity", default="hybrid")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     import transformers as T

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adam-lr", type=float, default=0.004, help="AdamW's lr for Muon's non-matrix params")
-    p.add_argument("--sensitivity", default="scale", help="normgraph's sensitivity mode")
+    p.add_argument("--sensitivity", default="hybrid", help="normgraph's sensitivity mode")
     p.add_argument("--runs", nargs="+", required=True,
                    help="optimizer:lr1,lr2,... with optimizer in normgraph, adamw, muon ('default' = compile's lr)")
     args = p.parse_args(argv)

@@ -126,7 +126,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adam-lr", type=float, default=0.003)
-    p.add_argument("--sensitivity", default="scale")
+    p.add_argument("--sensitivity", default="hybrid")
     p.add_argument("--runs", nargs="+", required=True, help="optimizer:lr1,lr2 (normgraph, adamw, muon)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")

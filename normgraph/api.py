@@ -16,7 +16,7 @@ from typing import Any
 import networkx as nx
 import torch
 
-from .analysis.analyze import analyze
+from .analysis.analyze import DEFAULT_SENSITIVITY, analyze
 from .codegen.options import MapOptions
 from .core.graph import NormGraph
 from .io.annotations import check_against, load
@@ -26,11 +26,11 @@ from .optim.optimizer import NormGraphOptimizer
 
 
 def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: dict[str, Any] | None = None, *,  # noqa: A001
-            lr: float = 0.1, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
+            lr: float = 0.25, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
             orthogonalizer: str = "newton-schulz", ns_steps: int = 5, ns_coefficients: str | Sequence = "quintic",
             annotations: NormGraph | str | os.PathLike | None = None, masses: dict[str, float] | None = None,
             compute_dtype: torch.dtype | None = None, ns_method: str = "auto", compile_mode: str = "default",
-            backend: str | None = "inductor", sensitivity: str = "scale", shard_map: bool | None = None,
+            backend: str | None = "inductor", sensitivity: str = DEFAULT_SENSITIVITY, shard_map: bool | None = None,
             **analyze_kwargs: Any) -> NormGraphOptimizer:
     """Analyze `model` (or take `annotations`: a NormGraph or a JSON path, no tracing then)
     and build the optimizer around its generated duality map.
@@ -61,7 +61,7 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
                              **analyze_kwargs)
     else:
         if (masses is not None or analyze_kwargs or example_inputs is not None or example_kwargs is not None
-                or sensitivity != "scale"):
+                or sensitivity != DEFAULT_SENSITIVITY):
             warnings.warn("normgraph.compile: annotations given, so example inputs, masses and analyze "
                           "options are ignored (nothing is traced)", UserWarning, stacklevel=2)
         norm_graph = annotations if isinstance(annotations, NormGraph) else load(annotations)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__, api, io
-from .analysis import analyze
+from .analysis import SENSITIVITY_MODES, analyze
+from .analysis.analyze import DEFAULT_SENSITIVITY
 
 EXPORT_FORMATS = ("json", "onnx", "dot", "graphml", "nodelink", "svg", "png", "pdf")
 SUFFIX_FORMAT = {".json": "json", ".onnx": "onnx", ".dot": "dot", ".gv": "dot", ".graphml": "graphml",
@@ -233,9 +234,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-dtype", action="append", default=[], choices=("float", "long"),
                    help="dtype of the example inputs: once for all, or once per --input-shape "
                         "(long: token ids below the smallest nn.Embedding size)")
-    p.add_argument("--sensitivity", choices=("scale", "modula", "typical"), default="scale",
-                   help="sensitivity mode (default: scale; modula: modula's algebra exactly; "
-                        "typical: paths combined in quadrature)")
+    p.add_argument("--sensitivity", choices=SENSITIVITY_MODES, default=DEFAULT_SENSITIVITY,
+                   help="sensitivity mode (default: hybrid; scale: worst case everywhere; modula: modula's algebra exactly; "
+                        "typical: paths combined in quadrature; hybrid: quadrature for plain sums "
+                        "such as residual streams, worst case elsewhere)")
     p.add_argument("--masses", action="append", default=[], metavar="NAME=M,...",
                    help="masses by module-name prefix, e.g. blocks=5,head=1")
 

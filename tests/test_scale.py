@@ -39,7 +39,7 @@ IDS = (torch.randint(0, 16, (2, 5)),)
 def test_prenorm_budgets_by_hand():
     """Scales: S(x0) = 1, the branch adds 1, so S(x1) = 2 and ln_f has sensitivity 1/2.
     D(x1) = 1/2 = D(w2 out) = D(w1 out) = D(ln.0 out); D(x0) = 1/2 (skip) + 1/2 · 1/S(x0) = 1."""
-    ng = normgraph.analyze(PreNorm(), IDS)
+    ng = normgraph.analyze(PreNorm(), IDS, sensitivity="scale")
     down = {n: a.downstream for n, a in ng.atoms.items()}
     assert down == pytest.approx({"emb.weight": 1.0, "ln.0.weight": 0.5, "w1.0.weight": 0.5,
                                   "w2.0.weight": 0.5, "ln_f.weight": 1.0, "head.weight": 1.0})
@@ -69,7 +69,7 @@ def test_plain_residual_depth_is_polynomial_not_exponential():
     """Budgets of a 16-block plain residual stack stay within ~L of each other ("scale"); with
     modula's algebra they halve per block (the issue's failure)."""
     L = 16
-    scale = normgraph.analyze(PreNorm(L), IDS)
+    scale = normgraph.analyze(PreNorm(L), IDS, sensitivity="scale")
     b = [a.budget for n, a in scale.atoms.items() if a.kind in ("linear", "embedding")]
     assert max(b) / min(b) < 2 * (L + 1)
     with pytest.warns(UserWarning, match="budgets span"):
@@ -296,7 +296,7 @@ def test_numbers_in_a_sum_count_toward_its_scale():
         def forward(self, x):
             return self.b(0.5 * (1 + torch.tanh(self.a(x)))) + self.mask
 
-    ng = normgraph.analyze(Net(), (torch.randn(2, 4),))
+    ng = normgraph.analyze(Net(), (torch.randn(2, 4),), sensitivity="scale")
     assert ng.atoms["b.weight"].downstream == pytest.approx(1.0)
     assert ng.atoms["a.weight"].downstream == pytest.approx(0.5)  # b (1) · 0.5 · tanh (1)
 
@@ -390,3 +390,29 @@ def test_fused_projection_with_unequal_parts_is_orthogonalized_per_part(transpos
         assert math.sqrt(64 / size) * float(s.max()) == pytest.approx(atom.budget, rel=1e-5)
     path = ng.save(tmp_path / "gqa.json")
     assert normgraph.load(path).atoms["qkv"].options == atom.options
+
+
+def test_hybrid_mode_reads_plain_sums_in_quadrature_and_weighted_sums_as_modula():
+    """`x + W1 x` (a plain residual) has scale √2 in "hybrid" (2 in "scale"); `0.5·x + 0.5·W1 x`
+    (explicit weights: a designed convex combination) has scale 1 and keeps modula's bonds."""
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1, self.w2 = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+
+        def forward(self, x):
+            return self.w2(x + self.w1(x))
+
+    class Weighted(Plain):
+        def forward(self, x):
+            return self.w2(0.5 * x + 0.5 * self.w1(x))
+
+    x = (torch.randn(2, 8),)
+    plain = normgraph.analyze(Plain(), x, sensitivity="hybrid").atoms
+    assert plain["w2.weight"].downstream == pytest.approx(math.sqrt(2))
+    assert plain["w1.weight"].downstream == pytest.approx(1.0)
+    assert normgraph.analyze(Plain(), x, sensitivity="scale").atoms["w2.weight"].downstream == pytest.approx(2.0)
+    for mode in ("hybrid", "scale", "modula"):
+        weighted = normgraph.analyze(Weighted(), x, sensitivity=mode).atoms
+        assert weighted["w2.weight"].downstream == pytest.approx(1.0), mode
+        assert weighted["w1.weight"].downstream == pytest.approx(0.5), mode

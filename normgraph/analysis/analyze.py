@@ -28,7 +28,9 @@ from .scale import Scales, atom_gain, scaled_bond
 from .trace import Captured, capture
 from .wrappers import analysable
 
-SENSITIVITY_MODES = ("scale", "modula", "typical")
+SENSITIVITY_MODES = ("hybrid", "scale", "modula", "typical")
+#: The default mode (docs/concepts.md says why, with the measurements that chose it).
+DEFAULT_SENSITIVITY = "hybrid"
 
 FALLBACK_NOTE = "fallback: RMS norm of the whole tensor, dual = normalise to RMS 1"
 
@@ -38,7 +40,7 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             masses: Mapping[str, float] | None = None, *,
             kinds: Mapping[str, str] | None = None, frontend: str = "auto",
             conv_mode: str = "positional", split_packed: bool = True,
-            sensitivity: str = "scale") -> NormGraph:
+            sensitivity: str = DEFAULT_SENSITIVITY) -> NormGraph:
     """Infer every trainable parameter's operator norm, mass, sensitivity and budget.
 
     Args:
@@ -95,12 +97,13 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
     else:
         uses = classify(cap, trainable, conv_mode, split_packed)
         scales = None
-        if sensitivity in ("scale", "typical"):
+        if sensitivity in ("scale", "typical", "hybrid"):
             biases = {n for n, specs in uses.items()
                       if (kinds or {}).get(n, specs[0][0].kind if specs else "") == "bias"}
             live = _live(cap)
             scales = Scales(cap.graph, live, cap.params, biases, cap.modules, rotary_joins(cap, live),
-                            p=2.0 if sensitivity == "typical" else 1.0, values=cap.values)
+                            p=1.0 if sensitivity == "scale" else 2.0, values=cap.values,
+                            hybrid=sensitivity == "hybrid")
         D, assumed = downstream(cap, scales)
         diag.assumed_ops = assumed
         atoms = _graph_atoms(trainable, uses, D, kinds or {}, diag, scales)
@@ -161,7 +164,9 @@ def downstream(cap: Captured, scales: Scales | None = None) -> tuple[dict[fx.Nod
 
     Without `scales` the bonds are modula's (every activation unit-sized); with them, the
     "scale" mode's (see `normgraph.analysis.scale`)."""
-    p = scales.p if scales is not None else 1.0
+    def p_of(node: fx.Node) -> float:  # how the uses of `node` combine: Σ (s·D(use))^p, then ^(1/p)
+        return scales.p_of_uses(node) if scales is not None else 1.0
+
     D: dict[fx.Node, float] = {n: 0.0 for n in cap.graph.nodes}  # Σ over uses of (s·D(use))^p
     for out in cap.outputs:
         D[out] += 1.0
@@ -169,11 +174,11 @@ def downstream(cap: Captured, scales: Scales | None = None) -> tuple[dict[fx.Nod
     rotations = scales.rotations if scales is not None else rotary_joins(cap, live)
     assumed: dict[str, int] = {}
     for node in reversed(cap.graph.nodes):
-        d = D[node] ** (1.0 / p)  # every use of `node` comes after it: its sum is complete
+        d = D[node] ** (1.0 / p_of(node))  # every use of `node` comes after it: its sum is complete
         if d == 0.0 or node.op in ("placeholder", "get_attr", "output"):
             continue
         if node in rotations:  # a rotation of one activation: an isometry, one bond of 1
-            D[rotations[node]] += d ** p
+            D[rotations[node]] += d ** p_of(rotations[node])
             continue
         op = ops.op_name(node, cap.modules)
         entry = module_entry(cap.modules[str(node.target)]) if node.op == "call_module" else None
@@ -190,8 +195,8 @@ def downstream(cap: Captured, scales: Scales | None = None) -> tuple[dict[fx.Nod
             if was_assumed and not counted:
                 assumed[op] = assumed.get(op, 0) + 1
                 counted = True
-            D[inp] += (s * d) ** p
-    return {n: v ** (1.0 / p) for n, v in D.items()}, assumed
+            D[inp] += (s * d) ** p_of(inp)
+    return {n: v ** (1.0 / p_of(n)) for n, v in D.items()}, assumed
 
 
 #: Ops that only rearrange or negate entries: a rotary embedding splits, negates and
@@ -388,7 +393,7 @@ def _graph_atoms(trainable: Mapping[str, torch.Tensor],
             continue
         spec = _choose(name, specs, kinds.get(name))
         d = _combine([D[n] * (atom_gain(u, spec.kind, scales) if scales is not None and u is not None else 1.0)
-                      for _, n, u in specs], scales.p if scales is not None else 1.0)
+                      for _, n, u in specs], scales.p_of_tied() if scales is not None else 1.0)
         nodes = [n.name for _, n, _ in specs]
         if len(specs) > 1:
             diag.tied[name] = [f"{s.kind} ({n.name})" for s, n, _ in specs]

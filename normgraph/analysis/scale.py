@@ -81,9 +81,11 @@ class Scales:
     def __init__(self, graph: fx.Graph, live: set[fx.Node], params: Mapping[fx.Node, str],
                  biases: set[str], modules: Mapping[str, Any],
                  rotations: Mapping[fx.Node, fx.Node] | None = None, p: float = 1.0,
-                 values: Mapping[fx.Node, Any] | None = None) -> None:
+                 values: Mapping[fx.Node, Any] | None = None, hybrid: bool = False) -> None:
         self.live = live
         self.p = p
+        self.hybrid = hybrid
+        self.params = params
         self._values = values or {}
         self.modules = modules
         self.value: dict[fx.Node, float] = {}
@@ -107,6 +109,45 @@ class Scales:
         if isinstance(x, (int, float)) and not isinstance(x, bool):
             return abs(float(x))
         return 1.0
+
+    def scaled_explicitly(self, node: fx.Node) -> bool:
+        """`c·x` or `x / c` with c a number other than ±1 or a scalar weight: the network mixes
+        this term into a sum with a weight of its own (modula's `(1 − 1/L)·x + f(x)/L`,
+        modded-nanogpt's learned λ's), so the sum is a designed combination, not a plain
+        accumulation of independent terms."""
+        if ops.op_name(node, self.modules) not in ("mul", "div"):
+            return False
+        for v in node.args:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(float(v)) != 1.0:
+                return True
+            if isinstance(v, fx.Node) and v in self.weights:
+                val = v.meta.get("val", v.meta.get("example_value"))
+                if getattr(val, "numel", lambda: 2)() == 1:
+                    return True
+        return False
+
+    def p_of_sum(self, node: fx.Node) -> float:
+        """The exponent that combines a sum's terms: `p`, but 1 in hybrid mode when some
+        term is explicitly weighted (designed, worst-case weights sum to one)."""
+        if self.hybrid and any(self.scaled_explicitly(i) for _, i in ops.tensor_inputs(node) if i in self.live):
+            return 1.0
+        return self.p
+
+    def p_of_uses(self, node: fx.Node) -> float:
+        """The exponent that combines the downstream of `node` over its uses: `p`; in hybrid
+        mode 2 only where `node` enters a plain sum (a residual stream read by its next
+        block and passed on), 1 everywhere else (q/k/v of one input, gates: worst case)."""
+        if not self.hybrid:
+            return self.p
+        for u in node.users:
+            if u in self.live and ops.op_name(u, self.modules) in ("add", "sub") and self.p_of_sum(u) != 1.0:
+                return self.p
+        return 1.0
+
+    def p_of_tied(self) -> float:
+        """How a tied parameter's uses combine: `p`; 1 in hybrid mode (one change of the
+        parameter moves all its uses at once: they are aligned, not independent)."""
+        return 1.0 if self.hybrid else self.p
 
     def summand(self, x: Any) -> float:
         """What `x` adds to a sum's scale: live activations only (not masks, not numbers)."""
@@ -190,7 +231,8 @@ def _sum_of_inputs(node: fx.Node, args: dict, S: Scales) -> float:
               if isinstance(v, (int, float)) and not isinstance(v, bool)]
     if node in S.weights:  # `1 + w`: a gain stored as its offset from 1 is still a gain
         return max(terms, default=1.0)
-    total = sum(t ** S.p for t in terms) ** (1.0 / S.p)
+    p = S.p_of_sum(node)
+    total = sum(t ** p for t in terms) ** (1.0 / p)
     return total if total > 0 else max((S(i) for _, i in ops.tensor_inputs(node)), default=1.0)
 
 

@@ -44,7 +44,7 @@ class NormGraphOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]], norm_graph: NormGraph, *,
-                 lr: float = 0.1, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
+                 lr: float = 0.25, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
                  map_options: MapOptions | None = None, shard_map: bool = False,
                  process_group: Any = None, **options: Any) -> None:
         if not (math.isfinite(lr) and lr >= 0 and 0 <= momentum < 1
