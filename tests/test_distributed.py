@@ -51,3 +51,50 @@ def test_fsdp2_matches_one_process_splits_the_work_and_checkpoints(kind, orthogo
     for r in range(WORLD):
         flops, ref = map(int, (tmp_path / f"rank{r}.txt").read_text().split())
         assert flops <= (1 / WORLD + 0.1) * ref
+
+
+def test_ddp_names_masses_and_annotations_work_with_or_without_the_module_prefix(tmp_path):
+    """One in-process gloo rank: DDP's `module.` names are accepted everywhere a name is."""
+    import dataclasses
+
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    import normgraph
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        inner = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        ddp = torch.nn.parallel.DistributedDataParallel(inner)
+        x = torch.randn(3, 4)
+        plain = normgraph.analyze(inner, (x,))
+        wrapped = normgraph.compile(ddp, (x,), compile_mode="eager")
+        assert list(wrapped.norm_graph.atoms) == list(plain.atoms)  # analysed through .module
+        assert not wrapped.shard_map  # one rank: nothing to split
+        assert wrapped.group("module.0.weight") is wrapped.group("0.weight")
+        heavy = normgraph.compile(ddp, (x,), masses={"module.0": 5.0}, compile_mode="eager")
+        assert heavy.norm_graph.atoms["0.weight"].mass + heavy.norm_graph.atoms["0.bias"].mass == pytest.approx(5.0)
+        prefixed = normgraph.NormGraph(
+            {f"module.{n}": dataclasses.replace(a, name=f"module.{n}") for n, a in plain.atoms.items()})
+        prefixed.save(tmp_path / "ddp.json")
+        from_file = normgraph.compile(ddp, annotations=tmp_path / "ddp.json", compile_mode="eager")
+        assert {n: a.budget for n, a in from_file.norm_graph.atoms.items()} == {
+            n: a.budget for n, a in plain.atoms.items()}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_distributed_example_runs_under_torchrun(tmp_path):
+    import os
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    for mode in ("ddp", "fsdp"):
+        out = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+             str(free_port()), str(root / "examples" / "train_gpt_distributed.py"), "--mode", mode, "--steps", "3",
+             "--d-model", "32", "--n-layer", "1", "--n-head", "2", "--block-size", "16", "--batch-size", "4"],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert f"{mode}, 2 rank(s)" in out.stdout and "orthogonalization FLOPs per rank" in out.stdout
