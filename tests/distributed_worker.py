@@ -18,7 +18,8 @@ def build(kind: str) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     if kind == "gpt":
         from normgraph.demo.models import GPT, GPTConfig
-        model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32))
+        # 65 token rows: FSDP2 shards them unevenly (33 + 32)
+        model = GPT(GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, d_model=32))
         vocab = 64
     else:
         import transformers as T

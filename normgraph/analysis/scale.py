@@ -85,7 +85,6 @@ class Scales:
         self.live = live
         self.p = p
         self.hybrid = hybrid
-        self.params = params
         self._values = values or {}
         self.modules = modules
         self.value: dict[fx.Node, float] = {}
