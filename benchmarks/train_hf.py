@@ -34,6 +34,10 @@ def build(name: str, layers: int, width: int, block: int) -> torch.nn.Module:
     heads = max(1, width // 32)
     common = dict(num_hidden_layers=layers, hidden_size=width, intermediate_size=4 * width,
                   num_attention_heads=heads, vocab_size=256)
+    if name == "gpt2-untied":  # GPT-2 with its own output head (tie_word_embeddings=False)
+        return T.GPT2LMHeadModel(T.GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=256,
+                                              n_positions=block, bos_token_id=0, eos_token_id=0,
+                                              tie_word_embeddings=False))
     if name == "gpt2":
         return T.GPT2LMHeadModel(T.GPT2Config(n_layer=layers, n_embd=width, n_head=heads, vocab_size=256,
                                               n_positions=block, bos_token_id=0, eos_token_id=0))
@@ -112,7 +116,7 @@ def run(args: argparse.Namespace, kind: str, lr: float | None, corpus: Corpus) -
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=("gpt2", "llama", "bert"), default="gpt2")
+    p.add_argument("--model", choices=("gpt2", "gpt2-untied", "llama", "bert"), default="gpt2")
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--steps", type=int, default=150)
