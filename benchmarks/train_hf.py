@@ -61,11 +61,12 @@ def loss_of(model: torch.nn.Module, name: str, x: torch.Tensor, y: torch.Tensor,
 
 
 def make_opt(kind: str, model: torch.nn.Module, lr: float | None, example: torch.Tensor, adam_lr: float,
-             mode: str, masses: dict[str, float] | None = None):
+             mode: str, masses: dict[str, float] | None = None, kinds: dict[str, str] | None = None):
     if kind == "normgraph":
         import normgraph
         kw = {} if lr is None else {"lr": lr}
-        return normgraph.compile(model, (example,), compile_mode="eager", sensitivity=mode, masses=masses, **kw)
+        return normgraph.compile(model, (example,), compile_mode="eager", sensitivity=mode, masses=masses,
+                                 kinds=kinds, **kw)
     if kind == "adamw":
         return [torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)]
     if kind == "muon":
@@ -86,7 +87,8 @@ def run(args: argparse.Namespace, kind: str, lr: float | None, corpus: Corpus) -
     gen = torch.Generator().manual_seed(args.seed)
     example = next(corpus.batches(args.batch, args.block, seed=args.seed))[0][:2]
     masses = {k: float(v) for k, v in (item.split("=") for item in args.masses)} or None
-    opt = make_opt(kind, model, lr, example, args.adam_lr, args.sensitivity, masses)
+    kinds = dict(item.split("=") for item in args.kinds) or None
+    opt = make_opt(kind, model, lr, example, args.adam_lr, args.sensitivity, masses, kinds)
     opts = opt if isinstance(opt, list) else [opt]
     groups = [g for o in opts for g in o.param_groups]
     for g in groups:
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sensitivity", default="hybrid", help="normgraph's sensitivity mode")
     p.add_argument("--masses", nargs="*", default=[], metavar="PREFIX=MASS",
                    help="normgraph masses by module prefix, e.g. transformer.wte=0.25")
+    p.add_argument("--kinds", nargs="*", default=[], metavar="PARAM=KIND",
+                   help="normgraph kind overrides, e.g. transformer.wte.weight=linear")
     p.add_argument("--runs", nargs="+", required=True,
                    help="optimizer:lr1,lr2,... with optimizer in normgraph, adamw, muon ('default' = compile's lr)")
     args = p.parse_args(argv)
