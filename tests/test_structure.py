@@ -117,6 +117,8 @@ def test_a_new_orthogonalizer_in_a_few_lines_matches_the_builtin_svd() -> None:
             torch.testing.assert_close(updates["polar"][n], updates["svd"][n], rtol=1e-10, atol=1e-12, msg=n)
         with pytest.raises(ValueError, match="computes in float64, not torch.float32"):
             normgraph.compile(Net(), (x,), orthogonalizer="polar", compute_dtype=torch.float32)
+        with pytest.raises(ValueError, match="taken by the generated code"):
+            normgraph.register_orthogonalizer("row-normalize", exact_polar)
     with pytest.raises(ValueError, match="unknown orthogonalizer 'polar'; registered: newton-schulz, svd"):
         normgraph.compile(Net(), (x,), orthogonalizer="polar")
 

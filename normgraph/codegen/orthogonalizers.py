@@ -98,9 +98,16 @@ def _names(dtypes: Sequence[torch.dtype]) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
+#: Names the generated code already uses for other globals (`_<name>` would shadow them).
+RESERVED_NAMES = ("row_normalize", "rms_normalize", "sign", "torch")
+
+
 def _check(name: str, entry: Orthogonalizer) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"an orthogonalizer needs a non-empty string name, got {name!r}")
+    if name.replace("-", "_") in RESERVED_NAMES:
+        raise ValueError(f"register_orthogonalizer({name!r}): the name is taken by the generated code's "
+                         f"other helpers ({', '.join(RESERVED_NAMES)}); choose another")
     if not callable(entry.fn):
         raise TypeError(f"register_orthogonalizer({name!r}): fn must be callable, got {type(entry.fn).__name__}")
 
