@@ -8,7 +8,7 @@ same number of Newton–Schulz steps with the quintic coefficients. Printed side
   normgraph map      the compiled generated map (stacked same-shape matrices, batched NS)
   normgraph step     NormGraphOptimizer.step(): momentum + map + weight update
   Muon.step()        torch.optim.Muon (one matrix at a time, always bf16)
-  NS loop            dual.newton_schulz on each matrix in turn (eager, direct form)
+  NS loop            ortho.newton_schulz on each matrix in turn (eager, direct form)
 normgraph's compute dtype is the default (bf16 on CUDA, fp32 on CPU) and, on CPU, also bf16:
 Muon computes in bf16 everywhere, so that row is the same-precision comparison. On CPU the
 fp32 map runs in Gram form on the rectangular matrices (ns_method="auto"; same polynomial,
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 from normgraph import codegen
-from normgraph.codegen import dual
+from normgraph.codegen import orthogonalizers as ortho
 from normgraph.core import layout
 from normgraph.core import Atom, NormGraph
 from normgraph.optim import NormGraphOptimizer
@@ -91,8 +91,8 @@ def main() -> None:
     rows: list[tuple[str, float, float]] = []  # (label, seconds, matmul FLOPs it does)
     contenders = [(None, "auto")] + ([] if device.type == "cuda" else [(None, "direct"), (torch.bfloat16, "auto")])
     for dt, method in contenders:
-        work = dual.compute_dtype(device, dt)
-        form = "Gram form" if method == "auto" and dual.use_gram(768, 3072, work) else "direct"
+        work = ortho.compute_dtype(device, dt)
+        form = "Gram form" if method == "auto" and ortho.use_gram(768, 3072, work) else "direct"
         label = f"normgraph map ({work}, {form})".replace("torch.", "")
         flops = codegen.flops(atoms, specs=specs, ns_steps=args.steps, compute_dtype=dt, ns_method=method)
         _, fn = codegen.generate(atoms, specs=specs, ns_steps=args.steps, compute_dtype=dt, ns_method=method)
@@ -109,9 +109,9 @@ def main() -> None:
     muon = torch.optim.Muon(params, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=args.steps)
     muon_t = timeit(muon.step, device, repeats)
     rows.append(("torch.optim.Muon.step() (bfloat16, direct)", muon_t, direct_flops))
-    work = dual.compute_dtype(device)
+    work = ortho.compute_dtype(device)
     rows.append((f"per-matrix NS loop ({work}, direct)".replace("torch.", ""),
-                 timeit(lambda: [dual.newton_schulz(g, args.steps, method="direct") for g in grads], device, repeats),
+                 timeit(lambda: [ortho.newton_schulz(g, args.steps, method="direct") for g in grads], device, repeats),
                  direct_flops))
 
     roof = matmul_tflops(device, n=8192 if device.type == "cuda" else 2048)

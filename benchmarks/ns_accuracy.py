@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-from normgraph.codegen import dual
+from normgraph.codegen import orthogonalizers as ortho
 
 
 def conditioned(m: int, n: int, cond: float, gen: torch.Generator) -> torch.Tensor:
@@ -43,19 +43,19 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     args = ap.parse_args()
     device = torch.device(args.device)
-    work = dual.compute_dtype(device, getattr(torch, args.dtype) if args.dtype else None)
+    work = ortho.compute_dtype(device, getattr(torch, args.dtype) if args.dtype else None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# device {device} ({name}), compute dtype {work}, {args.steps} steps, torch {torch.__version__}")
     print(f"| input | schedule | σ min | σ max | σ mean | σ<0.5 (%) |")
     print("|---|---|---|---|---|---|")
     for label, x in inputs(torch.Generator().manual_seed(0)).items():
         x = x.to(device=device, dtype=torch.float32)
-        for schedule in dual.SCHEDULES:
-            y = dual.newton_schulz(x, args.steps, schedule, dtype=work)
+        for schedule in ortho.SCHEDULES:
+            y = ortho.newton_schulz(x, args.steps, schedule, dtype=work)
             s = torch.linalg.svdvals(y.double())
             low = (s < 0.5).double().mean().item() * 100
             print(f"| {label} | {schedule} | {s.min():.3f} | {s.max():.3f} | {s.mean():.3f} | {low:.1f} |")
-        s = torch.linalg.svdvals(dual.svd_orthogonalize(x).double())
+        s = torch.linalg.svdvals(ortho.svd_orthogonalize(x).double())
         print(f"| {label} | svd (exact) | {s.min():.3f} | {s.max():.3f} | {s.mean():.3f} | {(s < 0.5).double().mean().item() * 100:.1f} |")
 
 

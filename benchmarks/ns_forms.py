@@ -5,7 +5,7 @@
 Both forms evaluate the same polynomial; they differ in rounding. For each input, schedule,
 compute dtype and form the table gives σ_max of the result and ‖result − reference‖₂, where
 the reference is the direct form in float64. normgraph refuses the Gram form in half
-precision (`dual.use_gram`); this script calls `dual.gram_newton_schulz` directly to show why.
+precision (`ortho.use_gram`); this script calls `ortho.gram_newton_schulz` directly to show why.
 """
 from __future__ import annotations
 
@@ -17,16 +17,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-from normgraph.codegen import dual
+from normgraph.codegen import orthogonalizers as ortho
 from ns_accuracy import conditioned  # noqa: E402  (same directory)
 
 
 def run(x: torch.Tensor, schedule: str, steps: int, dtype: torch.dtype, gram: bool) -> torch.Tensor:
     """The normalised iteration in `dtype`, either form (x is wide: m <= n)."""
-    coeffs, safety = dual.ns_schedule(schedule, steps)
+    coeffs, safety = ortho.ns_schedule(schedule, steps)
     y = x.to(dtype).unsqueeze(0)
     y = y / (torch.linalg.matrix_norm(y.double(), keepdim=True) * safety + 1e-7).to(dtype)
-    out = dual.gram_newton_schulz(y, coeffs) if gram else dual.direct_newton_schulz(y, coeffs, fused=False)
+    out = ortho.gram_newton_schulz(y, coeffs) if gram else ortho.direct_newton_schulz(y, coeffs, fused=False)
     return out[0].double()
 
 
@@ -46,7 +46,7 @@ def main() -> None:
              "cond 1e4 768×3072": conditioned(768, 3072, 1e4, gen)}
     for label, x in cases.items():
         x = x.to(device)
-        for schedule in dual.SCHEDULES:
+        for schedule in ortho.SCHEDULES:
             ref = run(x, schedule, args.steps, torch.float64, gram=False)
             print(f"| {label} | {schedule} | float64 | direct (reference) | "
                   f"{torch.linalg.matrix_norm(ref, 2):.4f} | 0 |")

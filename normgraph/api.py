@@ -54,10 +54,8 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
     group = model.process_group if ddp else None
     if shard_map is None:
         shard_map = ddp and torch.distributed.get_world_size(group) > 1
-    if masses is not None and inner is not model:
-        masses = {k.removeprefix(WRAPPER_PREFIX): v for k, v in masses.items()}
-    if annotations is None:
-        norm_graph = analyze(inner, example_inputs, example_kwargs, masses=masses, sensitivity=sensitivity,
+    if annotations is None:  # analyze reads a DDP model through .module, prefixed names included
+        norm_graph = analyze(model, example_inputs, example_kwargs, masses=masses, sensitivity=sensitivity,
                              **analyze_kwargs)
     else:
         if (masses is not None or analyze_kwargs or example_inputs is not None or example_kwargs is not None

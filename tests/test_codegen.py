@@ -9,6 +9,7 @@ import torch
 
 from normgraph import codegen
 from normgraph.codegen import dual
+from normgraph.codegen import orthogonalizers as ortho
 from normgraph.core import layout
 from normgraph.core import Atom
 
@@ -44,8 +45,8 @@ def grads(ats: list[Atom], device: str = "cpu") -> list[torch.Tensor]:
     return [torch.randn(a.shape, generator=gen).to(device) for a in ats]
 
 
-@pytest.mark.parametrize("orthogonalizer", dual.ORTHOGONALIZERS)
-@pytest.mark.parametrize("schedule", dual.SCHEDULES)
+@pytest.mark.parametrize("orthogonalizer", ortho.ORTHOGONALIZERS)
+@pytest.mark.parametrize("schedule", ortho.SCHEDULES)
 def test_generated_map_matches_reference(orthogonalizer: str, schedule: str) -> None:
     ats, gs = atoms(), grads(atoms())
     _, fn = codegen.generate(ats, orthogonalizer=orthogonalizer, ns_coefficients=schedule, compile_mode="eager")
@@ -87,9 +88,9 @@ def test_gram_form_is_chosen_per_group_and_agrees() -> None:
     assert "gram_form=True" not in bf16_source  # auto never picks it in half precision
     with pytest.raises(ValueError, match="ns_method='gram' needs float32"):
         codegen.generate(ats, compute_dtype=torch.bfloat16, ns_method="gram")
-    expected = sum(dual.ns_flops(*a.shape, 5, gram=g) for a, g in zip(ats, (True, True, False)))
+    expected = sum(ortho.ns_flops(*a.shape, 5, gram=g) for a, g in zip(ats, (True, True, False)))
     assert codegen.flops(ats, ns_steps=5) == expected
-    assert codegen.flops(ats, ns_steps=5, ns_method="direct") == sum(dual.ns_flops(*a.shape, 5, False) for a in ats)
+    assert codegen.flops(ats, ns_steps=5, ns_method="direct") == sum(ortho.ns_flops(*a.shape, 5, False) for a in ats)
 
 
 def test_zero_gradients_give_zero_updates() -> None:

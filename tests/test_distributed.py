@@ -78,6 +78,9 @@ def test_ddp_names_masses_and_annotations_work_with_or_without_the_module_prefix
         assert wrapped.group("module.0.weight") is wrapped.group("0.weight")
         heavy = normgraph.compile(ddp, (x,), masses={"module.0": 5.0}, compile_mode="eager")
         assert heavy.norm_graph.atoms["0.weight"].mass + heavy.norm_graph.atoms["0.bias"].mass == pytest.approx(5.0)
+        direct = normgraph.analyze(ddp, (x,), masses={"module.0": 5.0}, kinds={"module.2.bias": "fallback"})
+        assert direct.atoms["0.weight"].mass == heavy.norm_graph.atoms["0.weight"].mass
+        assert direct.atoms["2.bias"].kind == "fallback"
         prefixed = normgraph.NormGraph(
             {f"module.{n}": dataclasses.replace(a, name=f"module.{n}") for n, a in plain.atoms.items()})
         prefixed.save(tmp_path / "ddp.json")

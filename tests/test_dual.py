@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from normgraph.codegen import dual
+from normgraph.codegen import orthogonalizers as ortho
 from normgraph.core import layout
 from normgraph.core import Atom
 
@@ -40,76 +41,76 @@ def conditioned(b: int, m: int, n: int, cond: float, seed: int = 0) -> torch.Ten
 BANDS = {"quintic": (0.6, 1.25), "polar-express": (0.8, 1.2)}
 
 
-@pytest.mark.parametrize("schedule", dual.SCHEDULES)
+@pytest.mark.parametrize("schedule", ortho.SCHEDULES)
 @pytest.mark.parametrize("shape", [(3, 64, 32), (3, 32, 96), (2, 256, 1024)])
 def test_newton_schulz_singular_values_in_band(schedule: str, shape: tuple[int, int, int]) -> None:
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    s = torch.linalg.svdvals(dual.newton_schulz(x, 5, schedule).double())
+    s = torch.linalg.svdvals(ortho.newton_schulz(x, 5, schedule).double())
     lo, hi = BANDS[schedule]
     assert lo <= s.min().item() and s.max().item() <= hi
 
 
-@pytest.mark.parametrize("schedule", dual.SCHEDULES)
+@pytest.mark.parametrize("schedule", ortho.SCHEDULES)
 def test_newton_schulz_square_gaussian_mean_and_top(schedule: str) -> None:
     x = torch.randn(2, 128, 128, generator=torch.Generator().manual_seed(2))
-    s = torch.linalg.svdvals(dual.newton_schulz(x, 5, schedule).double())
+    s = torch.linalg.svdvals(ortho.newton_schulz(x, 5, schedule).double())
     assert s.max().item() <= BANDS[schedule][1] and 0.85 <= s.mean().item() <= 1.05
 
 
 def test_polar_express_beats_quintic_on_ill_conditioned_input() -> None:
     x = conditioned(2, 64, 64, 1e3)
-    qs = torch.linalg.svdvals(dual.newton_schulz(x, 5, "quintic"))
-    ps = torch.linalg.svdvals(dual.newton_schulz(x, 5, "polar-express"))
+    qs = torch.linalg.svdvals(ortho.newton_schulz(x, 5, "quintic"))
+    ps = torch.linalg.svdvals(ortho.newton_schulz(x, 5, "polar-express"))
     assert (ps - 1).abs().mean() < (qs - 1).abs().mean()
     assert ps.max() <= 1.2  # the safety factor keeps the top of the spectrum from overshooting
 
 
 def test_newton_schulz_tall_is_transpose_of_wide() -> None:
     x = torch.randn(2, 40, 24)
-    torch.testing.assert_close(dual.newton_schulz(x), dual.newton_schulz(x.mT.contiguous()).mT)
+    torch.testing.assert_close(ortho.newton_schulz(x), ortho.newton_schulz(x.mT.contiguous()).mT)
 
 
-@pytest.mark.parametrize("schedule", dual.SCHEDULES)
+@pytest.mark.parametrize("schedule", ortho.SCHEDULES)
 @pytest.mark.parametrize("shape", [(64, 256), (300, 64), (3, 48, 150), (2, 32, 32)])
 def test_gram_form_matches_direct_form_in_float32(schedule: str, shape: tuple[int, ...]) -> None:
     """Same polynomial evaluated on the Gram matrix: on Gaussian inputs the two float32 forms
     agree to rounding; on an ill-conditioned one both stay within 5e-3 (spectral norm) of the
     float64 iteration, with the same top singular value."""
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(dual.newton_schulz(x, 5, schedule, method="gram"),
-                               dual.newton_schulz(x, 5, schedule, method="direct"), atol=5e-5, rtol=0)
+    torch.testing.assert_close(ortho.newton_schulz(x, 5, schedule, method="gram"),
+                               ortho.newton_schulz(x, 5, schedule, method="direct"), atol=5e-5, rtol=0)
     ill = conditioned(2, 32, 96, 1e4)
-    ref = dual.newton_schulz(ill.double(), 5, schedule, dtype=torch.float64, method="direct")
+    ref = ortho.newton_schulz(ill.double(), 5, schedule, dtype=torch.float64, method="direct")
     for method in ("direct", "gram"):
-        out = dual.newton_schulz(ill, 5, schedule, method=method).double()
+        out = ortho.newton_schulz(ill, 5, schedule, method=method).double()
         assert torch.linalg.matrix_norm(out - ref, 2).max() < 5e-3
         torch.testing.assert_close(torch.linalg.svdvals(out)[:, 0], torch.linalg.svdvals(ref)[:, 0], atol=1e-3, rtol=0)
 
 
 def test_gram_form_refuses_half_precision() -> None:
     with pytest.raises(ValueError, match="compute_dtype=torch.float32"):
-        dual.newton_schulz(torch.randn(8, 32), dtype=torch.bfloat16, method="gram")
+        ortho.newton_schulz(torch.randn(8, 32), dtype=torch.bfloat16, method="gram")
 
 
 def test_use_gram_auto_rule_and_flops() -> None:
-    assert dual.use_gram(64, 128, torch.float32) and dual.use_gram(300, 64, torch.float64)
-    assert not dual.use_gram(64, 127, torch.float32)  # below n = 2m the direct form is as cheap
-    assert not dual.use_gram(64, 256, torch.bfloat16)  # the Gram recursion drifts in bf16
-    assert dual.use_gram(64, 64, torch.float32, "gram") and not dual.use_gram(64, 256, torch.float32, "direct")
+    assert ortho.use_gram(64, 128, torch.float32) and ortho.use_gram(300, 64, torch.float64)
+    assert not ortho.use_gram(64, 127, torch.float32)  # below n = 2m the direct form is as cheap
+    assert not ortho.use_gram(64, 256, torch.bfloat16)  # the Gram recursion drifts in bf16
+    assert ortho.use_gram(64, 64, torch.float32, "gram") and not ortho.use_gram(64, 256, torch.float32, "direct")
     with pytest.raises(ValueError, match="ns_method 'fast'"):
-        dual.use_gram(4, 8, torch.float32, "fast")
+        ortho.use_gram(4, 8, torch.float32, "fast")
     m, n, k = 768, 3072, 5  # hand count, in multiply-adds: direct k(2m²n + m³); Gram 2m²n + (4k−3)m³
-    assert dual.ns_flops(m, n, k, gram=False) == 2 * k * (2 * m * m * n + m**3)
-    assert dual.ns_flops(n, m, k, gram=True) == 2 * (2 * m * m * n + (4 * k - 3) * m**3)
-    assert dual.ns_flops(m, n, k, False) / dual.ns_flops(m, n, k, True) > 1.7
+    assert ortho.ns_flops(m, n, k, gram=False) == 2 * k * (2 * m * m * n + m**3)
+    assert ortho.ns_flops(n, m, k, gram=True) == 2 * (2 * m * m * n + (4 * k - 3) * m**3)
+    assert ortho.ns_flops(m, n, k, False) / ortho.ns_flops(m, n, k, True) > 1.7
 
 
-@pytest.mark.parametrize("method", dual.NS_METHODS)
+@pytest.mark.parametrize("method", ortho.NS_METHODS)
 def test_newton_schulz_maps_zero_to_zero_in_every_form(method: str) -> None:
-    assert torch.equal(dual.newton_schulz(torch.zeros(2, 4, 12), method=method), torch.zeros(2, 4, 12))
+    assert torch.equal(ortho.newton_schulz(torch.zeros(2, 4, 12), method=method), torch.zeros(2, 4, 12))
 
 
-@pytest.mark.parametrize("fn", [dual.newton_schulz, dual.svd_orthogonalize])
+@pytest.mark.parametrize("fn", [ortho.newton_schulz, ortho.svd_orthogonalize])
 def test_orthogonalizers_map_zero_to_zero(fn) -> None:
     out = fn(torch.zeros(2, 5, 3))
     assert torch.equal(out, torch.zeros(2, 5, 3))
@@ -117,27 +118,27 @@ def test_orthogonalizers_map_zero_to_zero(fn) -> None:
 
 def test_svd_orthogonalize_is_exact_and_drops_null_directions() -> None:
     x = torch.randn(4, 20, 12, dtype=torch.float64)
-    torch.testing.assert_close(torch.linalg.svdvals(dual.svd_orthogonalize(x)), torch.ones(4, 12, dtype=torch.float64))
+    torch.testing.assert_close(torch.linalg.svdvals(ortho.svd_orthogonalize(x)), torch.ones(4, 12, dtype=torch.float64))
     rank2 = torch.randn(20, 2, dtype=torch.float64) @ torch.randn(2, 12, dtype=torch.float64)
-    s = torch.linalg.svdvals(dual.svd_orthogonalize(rank2))
+    s = torch.linalg.svdvals(ortho.svd_orthogonalize(rank2))
     torch.testing.assert_close(s, torch.tensor([1.0, 1.0] + [0.0] * 10, dtype=torch.float64), atol=1e-8, rtol=0)
 
 
 def test_newton_schulz_dtype_switch_and_output_dtype() -> None:
     x = torch.randn(2, 16, 8)
-    y = dual.newton_schulz(x, dtype=torch.bfloat16)
+    y = ortho.newton_schulz(x, dtype=torch.bfloat16)
     assert y.dtype == torch.float32
-    torch.testing.assert_close(y, dual.newton_schulz(x), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(y, ortho.newton_schulz(x), atol=0.05, rtol=0.05)
 
 
 def test_schedules() -> None:
-    coeffs, safety = dual.ns_schedule("polar-express", 7)
-    assert coeffs[:5] == dual.POLAR_EXPRESS and coeffs[5] == coeffs[6] == dual.POLAR_EXPRESS[-1]
-    assert safety == dual.POLAR_EXPRESS_SAFETY
-    assert dual.ns_schedule("quintic", 3) == ((dual.QUINTIC,) * 3, 1.0)
-    assert dual.ns_schedule([(3.0, -3.0, 1.0)], 2)[0] == ((3.0, -3.0, 1.0),) * 2
+    coeffs, safety = ortho.ns_schedule("polar-express", 7)
+    assert coeffs[:5] == ortho.POLAR_EXPRESS and coeffs[5] == coeffs[6] == ortho.POLAR_EXPRESS[-1]
+    assert safety == ortho.POLAR_EXPRESS_SAFETY
+    assert ortho.ns_schedule("quintic", 3) == ((ortho.QUINTIC,) * 3, 1.0)
+    assert ortho.ns_schedule([(3.0, -3.0, 1.0)], 2)[0] == ((3.0, -3.0, 1.0),) * 2
     with pytest.raises(ValueError, match="unknown ns_coefficients"):
-        dual.ns_schedule("cubic", 5)
+        ortho.ns_schedule("cubic", 5)
 
 
 def _atoms() -> list[Atom]:
@@ -180,8 +181,8 @@ def test_dualize_atom_errors_name_the_parameter() -> None:
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_newton_schulz_cuda_bf16_default() -> None:
     x = torch.randn(8, 256, 128, device="cuda")
-    y = dual.newton_schulz(x)
+    y = ortho.newton_schulz(x)
     assert y.dtype == torch.float32 and y.device.type == "cuda"
     s = torch.linalg.svdvals(y.double())
     assert 0.55 <= s.min().item() and s.max().item() <= 1.3  # bf16 widens the band a little
-    assert torch.equal(dual.newton_schulz(torch.zeros(2, 4, 4, device="cuda")), torch.zeros(2, 4, 4, device="cuda"))
+    assert torch.equal(ortho.newton_schulz(torch.zeros(2, 4, 4, device="cuda")), torch.zeros(2, 4, 4, device="cuda"))

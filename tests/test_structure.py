@@ -190,3 +190,49 @@ def test_register_op_teaches_every_table_in_one_call() -> None:
         ng = normgraph.analyze(Net(), x)
         assert ng.atoms["w"].kind == "gain" and not ng.diagnostics.assumed_ops
     assert "expit" not in ops.ALIASES and "exp" not in rules.ATOM_RULES
+
+
+def test_row_shards_follow_fsdp2_chunking_and_empty_shards_dualise() -> None:
+    """9 rows on 4 ranks: chunks of 3, the last rank empty; the elementwise duals take (0, d)."""
+    from normgraph.codegen import dual
+    from normgraph.optim.fsdp import local_rows
+
+    assert [local_rows(9, 4, r) for r in range(4)] == [(0, 3), (3, 3), (6, 3), (9, 0)]
+    assert [local_rows(65, 2, r) for r in range(2)] == [(0, 33), (33, 32)]
+    for t in (torch.zeros(0, 4), torch.zeros(0)):
+        assert dual.row_normalize(t).shape == t.shape and dual.rms_normalize(t).shape == t.shape
+
+
+def test_the_meta_shadow_of_a_sharded_model_analyses_buffers_it_cannot_read(monkeypatch) -> None:
+    """FSDP2's analysis runs on meta tensors: a stored constant (√d) has no value there and is
+    read as an unknown constant instead of crashing the scale rules."""
+    from normgraph.analysis import wrappers
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8, bias=False)
+            self.register_buffer("scale", torch.tensor(8.0).sqrt())
+
+        def forward(self, x):
+            return self.lin(x * self.scale)
+
+    monkeypatch.setattr(wrappers, "is_sharded", lambda model: True)
+    ng = normgraph.analyze(Scaled(), (torch.randn(2, 8),))
+    assert "meta-device shadow" in " ".join(ng.diagnostics.notes)
+    assert ng.atoms["lin.weight"].downstream == pytest.approx(1.0)  # unknown constant: scale 1
+
+
+def test_a_state_dict_saved_without_map_options_still_loads() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    opt = normgraph.compile(model, (x,), compile_mode="eager")
+    model(x).sum().backward()
+    opt.step()
+    old = opt.state_dict()
+    for g in old["param_groups"]:
+        del g["map_options"]  # the format before map options were saved
+    again = normgraph.compile(model, (x,), compile_mode="eager", ns_steps=3)
+    again.load_state_dict(old)
+    assert again.map_options.ns_steps == 3
+    again.step()

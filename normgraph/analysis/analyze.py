@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from ..core.graph import Atom, Diagnostics, NormGraph, budget_of
 from ..core.kinds import is_orthogonalized, kind_of
+from ..core.wrappers import WRAPPER_PREFIX, unwrap_data_parallel
 from . import ops
 from .rules import (ATOM_RULES, PARAM_FLOW,
                     AtomSpec, BondInput, Use, bond_sensitivity, module_entry)
@@ -55,14 +56,12 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         frontend: "auto", "export", "symbolic_trace" or "modules" (see `normgraph.analysis.trace`).
         conv_mode: "positional" (per kernel position, the paper's rule) or "flatten".
         split_packed: orthogonalize packed projections (QKV split after one matmul) per block.
-        sensitivity: "scale" (default): modula's worst-case path sum in the units the network
-            uses: activation scales propagated from well-normed atoms, normalisations undo
-            the growth of a residual stream (see `normgraph.analysis.scale`, docs/concepts.md).
-            "modula": modula's algebra exactly (every activation unit-sized), as before.
-            "typical": the "scale" mode with paths (and the scales of sums) combined in
-            quadrature instead of added: typical rather than worst-case alignment. Flatter
-            budgets over depth; better on Llama-style models, worse on modula-shaped ones
-            (docs/results.md §6).
+        sensitivity: how sensitivities combine (docs/concepts.md §5). "hybrid" (default):
+            activation scales propagated from well-normed atoms, normalisations undo the
+            growth of a residual stream (see `normgraph.analysis.scale`); plain sums combine
+            in quadrature, weighted sums and shared readers worst case. "scale": the same
+            scales, worst case everywhere. "typical": quadrature everywhere. "modula":
+            modula's algebra exactly (every activation unit-sized).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"normgraph.analyze expects a torch.nn.Module, got {type(model).__name__}")
@@ -75,6 +74,9 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         example_inputs = (example_inputs,)
     elif example_inputs is not None and not isinstance(example_inputs, tuple):
         example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
+    if unwrap_data_parallel(model) is not model:  # DDP: names as the wrapped module has them
+        masses = {k.removeprefix(WRAPPER_PREFIX): v for k, v in (masses or {}).items()}
+        kinds = {k.removeprefix(WRAPPER_PREFIX): v for k, v in (kinds or {}).items()}
     model, example_inputs, example_kwargs, wrapped = analysable(model, example_inputs, example_kwargs)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad and p.numel() > 0}
     if not trainable:
@@ -515,8 +517,8 @@ def _warn_spread(atoms: dict[str, Atom], cap: Captured, D: dict[fx.Node, float],
              if steps else "")
     msg = (f"budgets span {hi.budget / lo.budget:.3g}× ({lo.name} {lo.budget:.3g} vs {hi.name} "
            f"{hi.budget:.3g}): {lo.name} will barely move.{where}. If the model scales its residual "
-           "branches by hand, check sensitivity= (\"scale\" reads plain x + f(x) streams); set "
-           "masses= to rebalance.")
+           "branches by hand, check sensitivity= (\"hybrid\", the default, and \"scale\" read plain "
+           "x + f(x) streams); set masses= to rebalance.")
     diag.notes.append("warning: " + msg)
     warnings.warn("normgraph: " + msg, stacklevel=3)
 

@@ -1,11 +1,12 @@
-"""The default sensitivity mode ("scale"): modula's algebra read in the units the network uses.
+"""The scale-reading sensitivity modes ("hybrid", the default; "scale"; "typical"): modula's
+algebra read in the units the network uses.
 
 modula's algebra assumes every module is *well-normed*: its output has norm ≤ 1 when its
 input does. `(1 − 1/L)·x + f(x)/L` keeps that promise; the plain `x + f(x)` of GPT-2,
 Llama and BERT does not, so a worst-case path sum that treats every activation as unit-
 sized doubles at each block and freezes the early layers (budgets 1e-14 … 1e-2).
 
-This mode keeps the worst-case path sum and changes one assumption: each activation has
+The "scale" mode keeps the worst-case path sum and changes one assumption: each activation has
 a *scale* S(v), an upper bound on its RMS propagated forward through the graph from
 well-normed atoms (a weight, a gain or an embedding row has norm 1, so a linear map keeps
 its input's scale and an embedding lookup has scale 1):
@@ -25,7 +26,10 @@ docs/concepts.md.
 With `p = 2` (`sensitivity="typical"`) the same rules run with sums of scales and sums over
 paths taken in quadrature, √(Σ xᵢ²), the size of a sum of uncorrelated terms, instead of
 Σ xᵢ: the worst case assumes every path's effect lines up, the typical case that they
-are independent.
+are independent. `sensitivity="hybrid"` (the default) chooses per combination
+(`Scales.p_of_sum`, `p_of_uses`, `p_of_tied`): quadrature for plain sums (a residual stream
+and what enters it), worst case for explicitly weighted sums (modula's convex residuals)
+and for everything else (one activation read by several ops, a tied parameter's uses).
 
 Everything here is data: `SCALE_RULES` (op → output scale) and `SCALED_BOND_RULES`
 (op → sensitivity in this mode), extended with `register_scale_rule`. An op with no entry
@@ -52,12 +56,14 @@ SCALE_RULES: Registry[str, ScaleRule] = Registry("scale rule")
 SCALED_BOND_RULES: Registry[str, ScaledBondRule] = Registry("scale-mode bond rule")
 
 NORMALISATIONS = ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")
+#: Ops whose output is the sum of their inputs (the scale rule `_sum_of_inputs`).
+SUMS = ("add", "sub", "rsub")
 
 
 def register_scale_rule(op: str, *, scale: ScaleRule | None = None,
                         bond: ScaledBondRule | None = None) -> None:
     """How canonical op `op` scales its output (`scale`) and how sensitive it is to each input
-    (`bond`) in the default "scale" mode. Either may be omitted (see the module docstring)."""
+    (`bond`) in the scale-reading modes. Either may be omitted (see the module docstring)."""
     if scale is not None:
         SCALE_RULES.register(op, scale)
     if bond is not None:
@@ -139,7 +145,7 @@ class Scales:
         if not self.hybrid:
             return self.p
         for u in node.users:
-            if u in self.live and ops.op_name(u, self.modules) in ("add", "sub") and self.p_of_sum(u) != 1.0:
+            if u in self.live and ops.op_name(u, self.modules) in SUMS and self.p_of_sum(u) != 1.0:
                 return self.p
         return 1.0
 
@@ -159,7 +165,8 @@ class Scales:
             if _integer(node):
                 return 0.0
             value = self._values.get(node)
-            if node not in self.live and isinstance(value, torch.Tensor) and value.numel() and value.is_floating_point():
+            if (node not in self.live and isinstance(value, torch.Tensor) and value.numel()
+                    and value.is_floating_point() and not value.is_meta):  # meta (an FSDP2 shadow): unknown
                 return float(value.detach().abs().max())  # a stored constant: `x * sqrt(d)`
             return 1.0
         if node.op == "output":
@@ -300,7 +307,7 @@ def _attention(node: fx.Node, args: dict, S: Scales) -> float:
     return S(ops.arg(args, "value", 2))
 
 
-for _op in ("add", "sub", "rsub"):
+for _op in SUMS:
     register_scale_rule(_op, scale=_sum_of_inputs)
 register_scale_rule("mul", scale=_product)
 register_scale_rule("div", scale=_quotient)

@@ -16,10 +16,7 @@ from ..core.graph import Atom
 from ..core.kinds import DUALS
 from ..core.layout import as_matrices, atom_parts, from_matrices, view_problem
 from .options import MapOptions, options_from
-from .orthogonalizers import (NS_METHODS, ORTHOGONALIZERS, POLAR_EXPRESS, POLAR_EXPRESS_SAFETY,  # noqa: F401
-                              QUINTIC, SCHEDULES, Coefficients, compute_dtype, direct_newton_schulz,
-                              gram_newton_schulz, lookup, newton_schulz, ns_flops, ns_schedule, on_wide_batches,
-                              svd_orthogonalize, unit_max, use_gram)
+from .orthogonalizers import lookup, on_wide_batches, unit_max
 
 
 def orthogonalize(x: torch.Tensor, options: MapOptions | None = None, **changes: Any) -> torch.Tensor:
@@ -59,7 +56,7 @@ def row_normalize(g: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     """Each row (one embedding vector) scaled to RMS 1; all-zero rows stay 0. Computed in
     float32 or wider after scaling each row by its largest entry, so any finite gradient in
     any dtype gives rows of RMS exactly 1 (no overflow to a zero update)."""
-    rows = unit_max(g.reshape(g.shape[0], -1), dim=1)
+    rows = unit_max(g.reshape(g.shape[0], math.prod(g.shape[1:])), dim=1)  # (0, d) too: an empty shard
     wide = rows.to(torch.promote_types(rows.dtype, torch.float32))
     rms = wide.pow(2).mean(dim=1, keepdim=True).sqrt()
     safe = torch.where(rms > eps, rms, torch.ones_like(rms))

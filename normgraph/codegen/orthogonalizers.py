@@ -88,7 +88,7 @@ class Orthogonalizer:
             return forced
         if self.dtypes is not None and grad_dtype in self.dtypes:
             return grad_dtype
-        default = torch.bfloat16 if device_type == "cuda" else torch.float32
+        default = compute_dtype(torch.device(device_type))
         if self.dtypes is None or default in self.dtypes:
             return default
         return self.dtypes[0]
@@ -211,6 +211,8 @@ def use_gram(rows: int, cols: int, dtype: torch.dtype, method: str = "auto") -> 
 def unit_max(x: torch.Tensor, dim: tuple[int, ...] | int | None = None) -> torch.Tensor:
     """x divided by its largest |entry| (over `dim`, all-zero slices stay 0): squaring it can
     neither overflow (fp16 above 256, fp32 above 1e19) nor underflow to a zero norm."""
+    if x.numel() == 0:  # an empty shard: nothing to scale (and amax of nothing is an error)
+        return x
     top = x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
     return x / torch.where(top > 0, top, torch.ones_like(top))
 

@@ -28,7 +28,7 @@ from .. import codegen
 from ..codegen.dual import ELEMENTWISE
 from ..codegen.options import MapOptions
 from ..core.graph import Atom
-from .sharded import balance
+from .sharded import OwnedMap, assign_owners
 
 
 def local_rows(n: int, world: int, rank: int) -> tuple[int, int]:
@@ -57,7 +57,7 @@ def mesh_group(params: Sequence[torch.Tensor]) -> dist.ProcessGroup:
     return mesh.get_group()
 
 
-class RowShardedMap:
+class RowShardedMap(OwnedMap):
     """Callable on the *local* gradient shards (list in, local update shards out)."""
 
     def __init__(self, atoms: Sequence[Atom], specs: Sequence[codegen.Spec], options: MapOptions,
@@ -66,15 +66,10 @@ class RowShardedMap:
         self.atoms = list(atoms)
         # matrices need all their rows; so does a whole-tensor RMS (cheap: biases, gains' kin)
         whole = [i for i, a in enumerate(self.atoms) if a.dual in ("orthogonalize", "rms_normalize")]
-        costs = [codegen.flops([self.atoms[i]], options, [specs[i]]) if self.atoms[i].dual == "orthogonalize"
-                 else 0.0 for i in whole]
-        owner = dict(zip(whole, balance(costs, self.world)))
-        self.owned = [[i for i in whole if owner[i] == r] for r in range(self.world)]
-        self.loads = [sum(c for i, c in zip(whole, costs) if owner[i] == r) for r in range(self.world)]
+        self.owned, self.loads = assign_owners(self.atoms, specs, options, self.world, whole)
         mine = self.owned[self.rank]
         self.source, self.map = codegen.generate([self.atoms[i] for i in mine], options,
                                                  specs=[specs[i] for i in mine])
-        self.compiled = self.map.compiled
 
     def _rows(self, i: int, rank: int) -> tuple[int, int]:
         return local_rows(self.atoms[i].shape[0], self.world, rank)
@@ -90,7 +85,7 @@ class RowShardedMap:
                                    "(FSDP2's Shard(0) chunking)")
         out: list[torch.Tensor | None] = [None] * len(self.atoms)
         self._elementwise(grads, out)
-        self._orthogonalize(grads, out)
+        self._via_owners(grads, out)
         return out  # type: ignore[return-value]
 
     # -- elementwise, on the local rows ---------------------------------------------------
@@ -103,7 +98,7 @@ class RowShardedMap:
 
     # -- orthogonalized and RMS-normalised, on their owners ------------------------------
 
-    def _orthogonalize(self, grads: list[torch.Tensor], out: list[torch.Tensor | None]) -> None:
+    def _via_owners(self, grads: list[torch.Tensor], out: list[torch.Tensor | None]) -> None:
         buckets: dict[torch.dtype, list[list[int]]] = {}
         for r, items in enumerate(self.owned):
             for i in items:

@@ -123,9 +123,13 @@ class NormGraphOptimizer(torch.optim.Optimizer):
                                  f"missing {missing[:5]}{' …' if len(missing) > 5 else ''}" if missing else "",
                                  f"unknown {extra[:5]}{' …' if len(extra) > 5 else ''}" if extra else "",
                                  "duplicate names" if len(set(names)) != len(names) else "") if part))
+        saved = [dict(g) for g in saved]
         for g in saved:  # validate the saved map options before anything changes
             if "map_options" in g:
                 MapOptions.from_dict(g["map_options"])
+            else:  # saved before map options were kept in the state dict: keep ours
+                g["map_options"] = self.map_options.to_dict()
+        state_dict = {**state_dict, "param_groups": saved}
         if names != mine:  # same parameters, another order: reorder the saved groups to ours
             by_name = {g["name"]: g for g in saved}
             state_dict = {**state_dict, "param_groups": [by_name[n] for n in mine]}
@@ -242,6 +246,7 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         self.last_step_skipped = True
         self.skipped_steps += 1
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        shown = shown or "another rank's shards"  # FSDP2: every rank skips when any rank saw one
         warnings.warn(f"normgraph: non-finite gradient in {shown}; step skipped (no weight or momentum "
                       "changed). Check the loss scale / learning rate.", RuntimeWarning, stacklevel=3)
 

@@ -45,7 +45,29 @@ def _all_gather(out: torch.Tensor, mine: torch.Tensor, group: dist.ProcessGroup 
     gather(out, mine, group=group)
 
 
-class ShardedMap:
+def assign_owners(atoms: Sequence[Atom], specs: Sequence[codegen.Spec], options: MapOptions, world: int,
+                  which: Sequence[int]) -> tuple[list[list[int]], list[float]]:
+    """(the atoms each rank owns, each rank's matmul FLOPs) for the atoms `which`, balanced by
+    the FLOPs `codegen.flops` counts (elementwise atoms cost 0)."""
+    costs = [codegen.flops([atoms[i]], options, [specs[i]]) if atoms[i].dual == "orthogonalize" else 0.0
+             for i in which]
+    owner = dict(zip(which, balance(costs, world)))
+    owned = [[i for i in which if owner[i] == r] for r in range(world)]
+    loads = [sum(c for i, c in zip(which, costs) if owner[i] == r) for r in range(world)]
+    return owned, loads
+
+
+class OwnedMap:
+    """The part a rank runs of a map split over ranks: the generated map over its atoms."""
+
+    map: codegen.DualityMap
+
+    @property
+    def compiled(self) -> bool:  # not a snapshot: the map may fall back to eager later
+        return self.map.compiled
+
+
+class ShardedMap(OwnedMap):
     """Callable like a `DualityMap` (list of gradients in, list of updates out)."""
 
     def __init__(self, atoms: Sequence[Atom], specs: Sequence[codegen.Spec], options: MapOptions,
@@ -55,14 +77,11 @@ class ShardedMap:
         self.rank = dist.get_rank(group)
         self.atoms = list(atoms)
         ortho = [i for i, a in enumerate(self.atoms) if a.dual == "orthogonalize"]
-        costs = [codegen.flops([self.atoms[i]], options, [specs[i]]) for i in ortho]
-        owner = dict(zip(ortho, balance(costs, self.world)))
-        self.owned = [[i for i in ortho if owner[i] == r] for r in range(self.world)]
-        self.local = [i for i in range(len(self.atoms)) if owner.get(i, self.rank) == self.rank]
-        self.loads = [sum(c for i, c in zip(ortho, costs) if owner[i] == r) for r in range(self.world)]
+        self.owned, self.loads = assign_owners(self.atoms, specs, options, self.world, ortho)
+        others = {i for r, items in enumerate(self.owned) if r != self.rank for i in items}
+        self.local = [i for i in range(len(self.atoms)) if i not in others]  # mine + every elementwise atom
         self.source, self.map = codegen.generate([self.atoms[i] for i in self.local], options,
                                                  specs=[specs[i] for i in self.local])
-        self.compiled = self.map.compiled
 
     def __call__(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * len(self.atoms)
