@@ -19,7 +19,7 @@ def parse(paths: list[str], by: str) -> dict[tuple[str, str], dict[int, list[tup
     for path in paths:
         model = size = None
         for line in open(path):
-            head = re.match(r"# (\w+) layers=(\d+) width=(\d+)", line)
+            head = re.match(r"# ([\w-]+) layers=(\d+) width=(\d+)", line)
             if head:
                 model, size = head.group(1), int(head.group(2 if by == "layers" else 3))
                 continue
