@@ -35,7 +35,6 @@ import sys
 import time
 
 import numpy as np
-from scipy.optimize import linprog, minimize
 
 UPPER = 1.15   # cap on every output singular value (σ_max of the update)
 XMAX = 1.02    # inputs may exceed 1 by rounding; the cap must hold up to here
@@ -79,6 +78,7 @@ def _lp(xs: np.ndarray, degree: int, hi: float, lower_only: bool, cap: float) ->
     b_ub.append(np.full(len(xc), cap))
     a_ub.append(np.hstack([-bc, np.zeros((len(xc), 1))]))  # f ≥ 0 on [0, hi]
     b_ub.append(np.zeros(len(xc)))
+    from scipy.optimize import linprog  # only the fitting needs scipy (factor_quartic does not)
     res = linprog(obj, A_ub=np.vstack(a_ub), b_ub=np.concatenate(b_ub),
                   bounds=[(None, None)] * nv, method="highs")
     if not res.success:

@@ -122,29 +122,10 @@ class Cand:
 
 
 def factor_quartic(c):
-    """p(y) = c4·(y² + α1 y + β1)(y² + α2 y + β2) with real α, β (same pairing rule as
-    fit_schedule.factor_quartic: conjugate roots together, else the pairing with the smallest
-    max|q1|·max|q2| on [0, 1.02²]). Returns c4, (α1, β1), (α2, β2)."""
-    import numpy as np
-    c = np.asarray(c, dtype=float)
-    roots = np.roots(c[::-1])
-    ys = np.linspace(0, 1.0404, 2001)
-    best = None
-    for pair in ((0, 1), (0, 2), (0, 3)):
-        rest = tuple(i for i in range(4) if i not in pair)
-        qs = []
-        for idx in (pair, rest):
-            r1, r2 = roots[idx[0]], roots[idx[1]]
-            al, be = -(r1 + r2), r1 * r2
-            if abs(al.imag) > 1e-9 * max(1, abs(al)) or abs(be.imag) > 1e-9 * max(1, abs(be)):
-                break
-            qs.append((float(al.real), float(be.real)))
-        if len(qs) < 2:
-            continue
-        k = abs(ys ** 2 + qs[0][0] * ys + qs[0][1]).max() * abs(ys ** 2 + qs[1][0] * ys + qs[1][1]).max()
-        if best is None or k < best[0]:
-            best = (k, float(c[4]), qs[0], qs[1])
-    return best[1:]
+    """p(y) = c4·(y² + α1 y + β1)(y² + α2 y + β2) with real α, β: `fit_schedule.factor_quartic`
+    (its best-conditioned real pairing). Returns c4, (α1, β1), (α2, β2)."""
+    from fit_schedule import factor_quartic as factor
+    return factor(c)[:3]
 
 
 def step_cost(d: int) -> int:
