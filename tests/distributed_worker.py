@@ -42,6 +42,32 @@ def step_flops(opt: torch.optim.Optimizer) -> int:
     return counter.get_total_flops()
 
 
+def train_side_by_side(model: torch.nn.Module, opt, reference: torch.nn.Module, ref, ids: torch.Tensor,
+                       rank: int, world: int) -> tuple[int, int]:
+    """STEPS steps of the distributed model on this rank's share and of the reference on the
+    same global batch in one process (gradients accumulated per rank's share); the last
+    step's matmul FLOPs of each optimizer."""
+    local = ids[rank::world]  # equal shares: the ranks' average of the local means is the global mean
+    flops = ref_flops = 0
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss_of(model, local).backward()
+        flops = step_flops(opt)
+        ref.zero_grad()
+        for r in range(world):
+            (loss_of(reference, ids[r::world]) / world).backward()
+        ref_flops = step_flops(ref)
+    return flops, ref_flops
+
+
+def assert_matches(params: dict[str, torch.Tensor], reference: torch.nn.Module) -> None:
+    for name, p in reference.named_parameters():
+        q = params[name]
+        assert torch.isfinite(q).all(), name
+        rel = (q - p.detach()).norm() / p.detach().norm().clamp_min(1e-30)
+        assert rel <= 1e-5, f"{name}: relative difference {rel:.3g} from the single-process run"
+
+
 def ddp(rank: int, world: int, port: int, kind: str, orthogonalizer: str, ns_method: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -53,22 +79,9 @@ def ddp(rank: int, world: int, port: int, kind: str, orthogonalizer: str, ns_met
         opt = normgraph.compile(wrapped, (ids[:1],), **kw)
         ref = normgraph.compile(reference, (ids[:1],), **kw)
         assert opt.shard_map and not ref.shard_map
-        local = ids[rank::world]  # equal shares: DDP's average of the local means is the global mean
-        flops = ref_flops = 0
-        for _ in range(STEPS):
-            opt.zero_grad()
-            loss_of(wrapped, local).backward()
-            flops = step_flops(opt)
-            ref.zero_grad()
-            for r in range(world):  # the same global batch in one process, accumulated per rank's share
-                (loss_of(reference, ids[r::world]) / world).backward()
-            ref_flops = step_flops(ref)
-        mine = dict(model.named_parameters())
-        for name, p in reference.named_parameters():
-            q = mine[name].detach()
-            assert torch.isfinite(q).all(), name
-            rel = (q - p.detach()).norm() / p.detach().norm().clamp_min(1e-30)
-            assert rel <= 1e-5, f"{name}: relative difference {rel:.3g} from the single-process run"
+        local = ids[rank::world]
+        flops, ref_flops = train_side_by_side(wrapped, opt, reference, ref, ids, rank, world)
+        assert_matches({n: p.detach() for n, p in model.named_parameters()}, reference)
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         gathered = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(gathered, flat)
@@ -137,20 +150,8 @@ def fsdp(rank: int, world: int, port: int, kind: str, orthogonalizer: str, ns_me
         for name, atom in ref.norm_graph.atoms.items():  # the same analysis on the shadow
             assert opt.norm_graph.atoms[name].budget == atom.budget, name
         local = ids[rank::world]
-        flops = ref_flops = 0
-        for _ in range(STEPS):
-            opt.zero_grad()
-            loss_of(model, local).backward()
-            flops = step_flops(opt)
-            ref.zero_grad()
-            for r in range(world):
-                (loss_of(reference, ids[r::world]) / world).backward()
-            ref_flops = step_flops(ref)
-        full = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
-        for name, p in reference.named_parameters():
-            assert torch.isfinite(full[name]).all(), name
-            rel = (full[name] - p.detach()).norm() / p.detach().norm().clamp_min(1e-30)
-            assert rel <= 1e-5, f"{name}: relative difference {rel:.3g} from the single-process run"
+        flops, ref_flops = train_side_by_side(model, opt, reference, ref, ids, rank, world)
+        assert_matches({n: p.full_tensor().detach() for n, p in model.named_parameters()}, reference)
         assert flops <= (1 / world + 0.1) * ref_flops, f"rank {rank}: {flops} of {ref_flops} FLOPs"
         # checkpoint with torch.distributed.checkpoint, take a step, restore, take it again
         ckpt = os.path.join(out_dir, "ckpt")
