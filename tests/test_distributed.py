@@ -31,28 +31,28 @@ def spawn(fn, *args) -> None:
     mp.spawn(fn, args=(WORLD, free_port(), *args), nprocs=WORLD, join=True)
 
 
+def run_and_check(worker, kind: str, orthogonalizer: str, ns_method: str, tmp_path: Path) -> None:
+    """Spawn the ranks (they assert the match and the resume) and check each rank's FLOP share."""
+    if kind == "gpt2":
+        pytest.importorskip("transformers")
+    spawn(worker, kind, orthogonalizer, ns_method, str(tmp_path))
+    for r in range(WORLD):
+        flops, ref = map(int, (tmp_path / f"rank{r}.txt").read_text().split())
+        assert flops <= (1 / WORLD + 0.1) * ref
+
+
 @pytest.mark.parametrize("kind,orthogonalizer,ns_method", [
     ("gpt", "newton-schulz", "auto"), ("gpt", "svd", "auto"), ("gpt2", "newton-schulz", "direct"),
     ("gpt2", "svd", "auto")])
 def test_ddp_matches_one_process_splits_the_work_and_resumes(kind, orthogonalizer, ns_method, tmp_path):
-    if kind == "gpt2":
-        pytest.importorskip("transformers")
-    spawn(distributed_worker.ddp, kind, orthogonalizer, ns_method, str(tmp_path))
-    for r in range(WORLD):
-        flops, ref = map(int, (tmp_path / f"rank{r}.txt").read_text().split())
-        assert flops <= (1 / WORLD + 0.1) * ref
+    run_and_check(distributed_worker.ddp, kind, orthogonalizer, ns_method, tmp_path)
 
 
 @pytest.mark.parametrize("kind,orthogonalizer,ns_method", [
     ("gpt", "newton-schulz", "gram"), ("gpt", "svd", "auto"), ("gpt2", "newton-schulz", "auto"),
     ("gpt2", "svd", "auto")])
 def test_fsdp2_matches_one_process_splits_the_work_and_checkpoints(kind, orthogonalizer, ns_method, tmp_path):
-    if kind == "gpt2":
-        pytest.importorskip("transformers")
-    spawn(distributed_worker.fsdp, kind, orthogonalizer, ns_method, str(tmp_path))
-    for r in range(WORLD):
-        flops, ref = map(int, (tmp_path / f"rank{r}.txt").read_text().split())
-        assert flops <= (1 / WORLD + 0.1) * ref
+    run_and_check(distributed_worker.fsdp, kind, orthogonalizer, ns_method, tmp_path)
 
 
 def test_ddp_names_masses_and_annotations_work_with_or_without_the_module_prefix(tmp_path):

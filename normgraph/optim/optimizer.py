@@ -90,7 +90,11 @@ class NormGraphOptimizer(torch.optim.Optimizer):
             odd = next(g["name"] for g in self.param_groups if g["map_options"] != raw)
             raise ValueError(f"param group {odd!r} has other map_options than the rest: one duality map "
                              "serves all parameters, so set them on every group (or rebuild the optimizer)")
-        return MapOptions.from_dict(raw)
+        cached = self.__dict__.get("_parsed_options")
+        if cached is None or cached[0] != raw:  # parse and validate once per change, not every step
+            cached = (dict(raw), MapOptions.from_dict(raw))
+            self._parsed_options = cached
+        return cached[1]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         name = param_group.get("name")
