@@ -1,43 +1,93 @@
-"""Time normgraph's generated duality map against torch.optim.Muon and a per-matrix loop.
+"""Time and measure normgraph's generated duality maps against torch.optim.Muon and a per-matrix loop.
 
-    PYTHONUNBUFFERED=1 python benchmarks/bench_dualize.py [--layers 12] [--steps 5] [--repeats N]
+    PYTHONUNBUFFERED=1 python benchmarks/bench_dualize.py [--layers 12] [--d 768] [--steps 5]
+        [--repeats N] [--plot PATH]
 
-Matrices: the hidden matrices of GPT-2 small (per layer 3d×d, d×d, 4d×d, d×4d with d=768),
-as nn.Parameters with random gradients, on the current device. Every contender does the
-same number of Newton–Schulz steps with the quintic coefficients. Printed side by side:
-  normgraph map      the compiled generated map (stacked same-shape matrices, batched NS)
-  normgraph step     NormGraphOptimizer.step(): momentum + map + weight update
-  Muon.step()        torch.optim.Muon (one matrix at a time, always bf16)
-  NS loop            ortho.newton_schulz on each matrix in turn (eager, direct form)
-normgraph's compute dtype is the default (bf16 on CUDA, fp32 on CPU) and, on CPU, also bf16:
-Muon computes in bf16 everywhere, so that row is the same-precision comparison. On CPU the
-fp32 map runs in Gram form on the rectangular matrices (ns_method="auto"; same polynomial,
-fewer FLOPs), and a direct-form fp32 row shows what that buys. Each row's TFLOP/s counts
-the matmul FLOPs its form really does, against the bf16 matmul roofline (a big bf16 matmul
-timed in this run).
+Matrices: the hidden matrices of a GPT-2-style model (per layer 3d×d, d×d, 4d×d, d×4d; GPT-2
+small is d=768, 12 layers), as nn.Parameters with random gradients, on the current device.
+Every contender does `--steps` Newton–Schulz steps. Contenders, one row each:
+  normgraph map      the compiled generated map (stacked same-shape matrices, batched NS), for
+                     every shipped schedule and form of the "newton-schulz" orthogonalizer:
+                     ns_coefficients "quintic" and "polar-express" × {float32 ns_method="auto"
+                     (the CPU default: Gram form on the matrices with n ≥ 2m, direct on the
+                     squares), float32 ns_method="gram" (Gram form on every shape), float32
+                     direct, bfloat16 direct}. bfloat16 Gram is refused by normgraph.
+  normgraph step     NormGraphOptimizer.step() (momentum + map + weight update) for the quintic
+                     rows (auto, direct, bf16): same map, so same accuracy as its map row
+  Muon.step()        torch.optim.Muon (one matrix at a time, always bf16, quintic): the reference
+  NS loop            ortho.newton_schulz on each matrix in turn (eager, direct form, quintic)
+
+Columns:
+  matmul GFLOP       matmul FLOPs of one call in the form that row really runs
+                     (normgraph.codegen.flops; Muon and the NS loop: the direct quintic count)
+  FLOPs / Muon       that count over Muon's
+  time               median wall time of one call over --repeats runs after one warm-up
+                     (the map's first, compiling call is reported separately)
+  Muon time / this   > 1 means faster than torch.optim.Muon.step()
+  err <family>       accuracy (the measure of docs/newton_schulz.md, "Fewer FLOPs at Muon's
+                     accuracy"): for a gradient G = U diag(σ) Vᵀ (float64 SVD of the float32
+                     gradient) and the orthogonalizer's output O, the worst |(Uᵀ O V)_ii − 1| over
+                     the directions with σ_i ≥ 1e-3·σ_max, worst over one layer's four shapes.
+                     Families: Gaussian, power-law spectrum σ_i = 1/i, log-spaced condition number
+                     1e4 (random orthogonal singular vectors), at the benchmark's shapes.
+  σ_max              largest singular value of any output O over the three families
+
+How O is read, so that it is the orthogonal factor and nothing else:
+  * normgraph map: the map's update for each matrix divided by its known per-atom scale
+    `normgraph.codegen.dual.matrix_scale(atom)` (budget · sqrt(fan_out/fan_in)). The family
+    gradient of each shape is fed to every layer (one call of the same compiled map) and the
+    first layer's updates are measured.
+  * Muon.step(): a fresh torch.optim.Muon on zero parameters with lr=1, momentum=0,
+    nesterov=False, weight_decay=0 (so its update is exactly −adjusted_lr · NS(G)); O is
+    −param / adjusted_lr with torch's default adjust_lr_fn=None ("original"):
+    adjusted_lr = sqrt(max(1, rows/cols)). Where torch exposes the per-matrix function Muon
+    calls (torch.optim._muon._zeropower_via_newtonschulz), O is checked against it with
+    Muon's own coefficients, steps and eps (it must agree to fp32 rounding).
+  * NS loop: ortho.newton_schulz's output itself.
+
+On CPU every time is a plain wall-clock median: run with OMP_NUM_THREADS=1 (or on an idle
+machine) and compare rows of one run only. `--plot PATH` writes an accuracy-versus-time
+scatter (one panel per family, one point per contender; needs matplotlib).
 """
 from __future__ import annotations
 
 import argparse
-import sys
+import math
 import platform
-from pathlib import Path
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 from normgraph import codegen
 from normgraph.codegen import orthogonalizers as ortho
+from normgraph.codegen.dual import matrix_scale
 from normgraph.core import layout
 from normgraph.core import Atom, NormGraph
 from normgraph.optim import NormGraphOptimizer
+
+FAMILIES = ("gaussian", "powerlaw", "cond1e4")
+FAMILY_TITLES = {"gaussian": "Gaussian", "powerlaw": "power-law σᵢ = 1/i", "cond1e4": "condition number 1e4"}
 
 
 def gpt2_matrices(layers: int, d: int = 768) -> list[tuple[str, tuple[int, int]]]:
     shapes = {"attn.c_attn": (3 * d, d), "attn.c_proj": (d, d), "mlp.c_fc": (4 * d, d), "mlp.c_proj": (d, 4 * d)}
     return [(f"h.{i}.{k}.weight", s) for i in range(layers) for k, s in shapes.items()]
+
+
+def cpu_name() -> str:
+    """The CPU model (platform.processor() is empty on many Linux systems)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def sync(device: torch.device) -> None:
@@ -65,20 +115,175 @@ def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> flo
     return 2 * n**3 / timeit(lambda: a @ b, device, repeats, warmup=3) / 1e12
 
 
+# ---------------------------------------------------------------------------------------------
+# Accuracy
+
+
+def family_matrix(shape: tuple[int, int], family: str, gen: torch.Generator) -> torch.Tensor:
+    """A float64 (rows × cols) matrix of one test family (random orthogonal singular vectors)."""
+    m, n = shape
+    if family == "gaussian":
+        return torch.randn(m, n, generator=gen, dtype=torch.float64)
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+    if family == "powerlaw":
+        s = 1.0 / torch.arange(1, k + 1, dtype=torch.float64)
+    elif family == "cond1e4":
+        s = torch.logspace(0, -4, k, dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    return (u * s) @ v.T
+
+
+@dataclass
+class Probe:
+    """One test gradient (float32, as an optimizer holds it) and its float64 SVD."""
+
+    family: str
+    G: torch.Tensor
+    U: torch.Tensor
+    V: torch.Tensor
+    keep: torch.Tensor  # σ_i ≥ 1e-3 σ_max
+
+
+def probes(shapes: list[tuple[int, int]], device: torch.device, seed: int = 0) -> dict[str, list[Probe]]:
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, list[Probe]] = {}
+    for fam in FAMILIES:
+        out[fam] = []
+        for shape in shapes:
+            G = family_matrix(shape, fam, gen).float()
+            u, s, vh = torch.linalg.svd(G.double(), full_matrices=False)
+            out[fam].append(Probe(fam, G.to(device), u, vh.mT, s >= 1e-3 * s[0]))
+    return out
+
+
+def error(O: torch.Tensor, p: Probe) -> float:
+    """max over kept directions of |(Uᵀ O V)_ii − 1| (inf if O is not finite)."""
+    O64 = O.detach().double().cpu()
+    if not torch.isfinite(O64).all():
+        return math.inf
+    diag = (p.U * (O64 @ p.V)).sum(0)
+    return float((diag[p.keep] - 1).abs().max())
+
+
+@dataclass
+class Accuracy:
+    err: dict[str, float] = field(default_factory=dict)
+    smax: float = 0.0
+
+
+def accuracy(orth: Callable[[list[torch.Tensor]], list[torch.Tensor]], fams: dict[str, list[Probe]]) -> Accuracy:
+    """`orth` maps one layer's four gradients to their orthogonal factors O."""
+    acc = Accuracy()
+    for fam, ps in fams.items():
+        outs = orth([p.G for p in ps])
+        acc.err[fam] = max(error(O, p) for O, p in zip(outs, ps))
+        acc.smax = max(acc.smax, *(float(torch.linalg.matrix_norm(O.detach().double().cpu(), 2)) for O in outs))
+    return acc
+
+
+def map_orth(fn: Callable, atoms: list[Atom], layers: int) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """The generated map on one layer's family gradients (tiled over every layer), unscaled."""
+    def orth(layer_grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        outs = fn(layer_grads * layers)
+        return [o / matrix_scale(a) for o, a in zip(outs[:len(layer_grads)], atoms)]
+    return orth
+
+
+def muon_orth(steps: int) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """torch.optim.Muon.step()'s orthogonal factor, read from one step on zero parameters."""
+    def orth(layer_grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in layer_grads]
+        for p, g in zip(params, layer_grads):
+            p.grad = g.clone()
+        opt = torch.optim.Muon(params, lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False, ns_steps=steps,
+                               adjust_lr_fn=None)
+        opt.step()
+        outs = []
+        for p in params:
+            rows, cols = p.shape
+            outs.append(-p.detach() / math.sqrt(max(1.0, rows / cols)))  # undo adjust_lr_fn=None ("original")
+        try:
+            from torch.optim._muon import _zeropower_via_newtonschulz as zeropower  # private; only a cross-check
+        except ImportError:
+            return outs
+        group = opt.param_groups[0]
+        for g, o in zip(layer_grads, outs):
+            ref = zeropower(g, group["ns_coefficients"], group["ns_steps"], group["eps"]).float()
+            torch.testing.assert_close(o, ref, rtol=1e-5, atol=1e-6,
+                                       msg="Muon.step() readout disagrees with torch's per-matrix NS")
+        return outs
+    return orth
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Row:
+    label: str
+    short: str       # for the plot legend
+    seconds: float
+    flops: float
+    acc: Accuracy
+    kind: str        # "map", "step", "muon", "loop"
+
+
+def plot(rows: list[Row], path: str, title: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit(f"--plot needs matplotlib ({e}); install it with pip install -e '.[plots]' "
+                         "or pip install matplotlib") from None
+    fig, axes = plt.subplots(1, len(FAMILIES), figsize=(5.0 * len(FAMILIES), 5.2), sharex=True)
+    markers = {"map": "o", "step": "s", "muon": "*", "loop": "D"}
+    cmap = plt.get_cmap("tab20")
+    for ax, fam in zip(axes, FAMILIES):
+        for i, r in enumerate(rows):
+            ax.scatter(r.seconds * 1e3, r.acc.err[fam], marker=markers[r.kind], s=220 if r.kind == "muon" else 60,
+                       color="black" if r.kind == "muon" else cmap(i % 20), label=r.short, zorder=3,
+                       edgecolors="black", linewidths=0.5)
+        muon = [r for r in rows if r.kind == "muon"]
+        if muon:
+            ax.axvline(muon[0].seconds * 1e3, color="black", ls="--", lw=0.8, zorder=1)
+            ax.axhline(muon[0].acc.err[fam], color="black", ls="--", lw=0.8, zorder=1)
+        ax.set_xscale("log")
+        ax.set_title(FAMILY_TITLES[fam] + " (lower is better)")
+        ax.set_xlabel("time per call (ms, log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("error: worst |diag(UᵀOV) − 1|, σ ≥ 1e-3·σ_max")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(title + "\ndashed lines: torch.optim.Muon.step() (left of / below them: faster / more accurate)",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.2, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    print(f"# wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--d", type=int, default=768, help="model width (matrices 3d×d, d×d, 4d×d, d×4d per layer)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=None, help="timed runs (default 20 on CUDA, 3 on CPU)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot", metavar="PATH", default=None, help="write an accuracy-versus-time scatter (matplotlib)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     repeats = args.repeats or (20 if device.type == "cuda" else 3)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    print(f"# device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{args.layers} layers × 4 matrices, {args.steps} NS steps, median of {repeats}")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    header = (f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+              f"{args.layers} layers × 4 matrices (d={args.d}), {args.steps} NS steps, median of {repeats}")
+    print("# " + header)
 
-    torch.manual_seed(0)
-    mats = gpt2_matrices(args.layers)
+    torch.manual_seed(args.seed)
+    mats = gpt2_matrices(args.layers, args.d)
     params = [torch.nn.Parameter(torch.randn(*s, device=device) * 0.02) for _, s in mats]
     for p in params:
         p.grad = torch.randn_like(p)
@@ -87,42 +292,66 @@ def main() -> None:
     grads = [p.grad for p in params]
     specs = [codegen.spec_of(g) for g in grads]
     direct_flops = codegen.flops(atoms, specs=specs, ns_steps=args.steps, ns_method="direct")
+    fams = probes([s for _, s in mats[:4]], device, args.seed)
 
-    rows: list[tuple[str, float, float]] = []  # (label, seconds, matmul FLOPs it does)
-    contenders = [(None, "auto")] + ([] if device.type == "cuda" else [(None, "direct"), (torch.bfloat16, "auto")])
-    for dt, method in contenders:
-        work = ortho.compute_dtype(device, dt)
-        form = "Gram form" if method == "auto" and ortho.use_gram(768, 3072, work) else "direct"
-        label = f"normgraph map ({work}, {form})".replace("torch.", "")
-        flops = codegen.flops(atoms, specs=specs, ns_steps=args.steps, compute_dtype=dt, ns_method=method)
-        _, fn = codegen.generate(atoms, specs=specs, ns_steps=args.steps, compute_dtype=dt, ns_method=method)
-        t0 = time.perf_counter()
-        fn(grads)
-        sync(device)
-        print(f"  compiled {label} in {time.perf_counter() - t0:.1f}s (first call){'' if fn.compiled else ' -- EAGER: ' + str(fn.compile_error)}")
-        rows.append((label, timeit(lambda: fn(grads), device, repeats), flops))
-        ng = NormGraph({a.name: a for a in atoms})
-        opt = NormGraphOptimizer(list(zip([n for n, _ in mats], params)), ng, lr=0.02, ns_steps=args.steps,
-                                 compute_dtype=dt, ns_method=method)
-        rows.append((label.replace("map", "step()"), timeit(opt.step, device, repeats), flops))
+    rows: list[Row] = []
+    forms = [(torch.float32, "auto"), (torch.float32, "gram"), (torch.float32, "direct"), (torch.bfloat16, "direct")]
+    d = args.d
+    for schedule in ortho.SCHEDULES:
+        for dt, method in forms:
+            dname = str(dt).replace("torch.", "")
+            if method == "auto":
+                form = ("Gram form where n ≥ 2m, direct on squares (auto)"
+                        if ortho.use_gram(d, 4 * d, dt) else "direct (auto)")
+            else:
+                form = {"gram": "Gram form on every shape", "direct": "direct"}[method]
+            label = f"normgraph map, {schedule}, {dname}, {form}"
+            short = f"map {schedule} {dname} {method}"
+            opts = dict(ns_steps=args.steps, ns_coefficients=schedule, compute_dtype=dt, ns_method=method)
+            flops = codegen.flops(atoms, specs=specs, **opts)
+            _, fn = codegen.generate(atoms, specs=specs, **opts)
+            t0 = time.perf_counter()
+            fn(grads)
+            sync(device)
+            print(f"  compiled {label} in {time.perf_counter() - t0:.1f}s (first call)"
+                  f"{'' if fn.compiled else ' -- EAGER: ' + str(fn.compile_error)}", flush=True)
+            secs = timeit(lambda: fn(grads), device, repeats)
+            acc = accuracy(map_orth(fn, atoms, args.layers), fams)
+            rows.append(Row(label, short, secs, flops, acc, "map"))
+            if schedule == "quintic" and method != "gram":
+                ng = NormGraph({a.name: a for a in atoms})
+                opt = NormGraphOptimizer(list(zip([n for n, _ in mats], params)), ng, lr=0.02, **opts)
+                rows.append(Row(label.replace("map", "step()"), short.replace("map", "step()"),
+                                timeit(opt.step, device, repeats), flops, acc, "step"))
 
     muon = torch.optim.Muon(params, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=args.steps)
     muon_t = timeit(muon.step, device, repeats)
-    rows.append(("torch.optim.Muon.step() (bfloat16, direct)", muon_t, direct_flops))
+    rows.append(Row("torch.optim.Muon.step(), quintic, bfloat16, direct", "torch.optim.Muon.step()", muon_t,
+                    direct_flops, accuracy(muon_orth(args.steps), fams), "muon"))
     work = ortho.compute_dtype(device)
-    rows.append((f"per-matrix NS loop ({work}, direct)".replace("torch.", ""),
-                 timeit(lambda: [ortho.newton_schulz(g, args.steps, method="direct") for g in grads], device, repeats),
-                 direct_flops))
+    wname = str(work).replace("torch.", "")
+    rows.append(Row(f"per-matrix NS loop, quintic, {wname}, direct", f"NS loop quintic {wname} direct",
+                    timeit(lambda: [ortho.newton_schulz(g, args.steps, method="direct") for g in grads], device, repeats),
+                    direct_flops,
+                    accuracy(lambda gs: [ortho.newton_schulz(g, args.steps, method="direct") for g in gs], fams),
+                    "loop"))
 
     roof = matmul_tflops(device, n=8192 if device.type == "cuda" else 2048)
-    print("| contender | time (ms) | Muon.step() / this | matmul TFLOP/s | roofline fraction |")
-    print("|---|---|---|---|---|")
-    for label, t, flops in rows:
-        tf = flops / t / 1e12
-        print(f"| {label} | {t * 1e3:.1f} | {muon_t / t:.2f}× | {tf:.3f} | {tf / roof:.1%} |")
-    print(f"# matmul FLOPs per call: direct form {direct_flops / 1e12:.3f} TFLOP, Gram form "
-          f"{codegen.flops(atoms, specs=specs, ns_steps=args.steps, compute_dtype=torch.float32, ns_method='auto') / 1e12:.3f} TFLOP"
-          f"; bf16 matmul roofline measured in this run: {roof:.2f} TFLOP/s")
+    print("| contender | matmul GFLOP | FLOPs / Muon FLOPs | time (ms) | Muon time / this | err Gaussian "
+          "| err power-law | err cond 1e4 | σ_max | matmul TFLOP/s | roofline fraction |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        tf = r.flops / r.seconds / 1e12
+        e = r.acc.err
+        print(f"| {r.label} | {r.flops / 1e9:.1f} | {r.flops / direct_flops:.3f} | {r.seconds * 1e3:.1f} "
+              f"| {muon_t / r.seconds:.2f}× | {e['gaussian']:.3f} | {e['powerlaw']:.3f} | {e['cond1e4']:.3f} "
+              f"| {r.acc.smax:.3f} | {tf:.3f} | {tf / roof:.1%} |")
+    print(f"# Muon.step() matmul FLOPs per call (direct form): {direct_flops / 1e9:.1f} GFLOP; "
+          f"bf16 matmul roofline measured in this run: {roof:.3f} TFLOP/s")
+    print("# err: worst |diag(UᵀOV) − 1| over σ ≥ 1e-3·σ_max, one layer's 4 shapes, O = update / known scale; "
+          "step() rows run their map row's map (same accuracy)")
+    if args.plot:
+        plot(rows, args.plot, header)
 
 
 if __name__ == "__main__":
