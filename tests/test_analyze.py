@@ -299,7 +299,9 @@ def test_tied_parameter_takes_first_use_and_can_be_overridden():
     ng = normgraph.analyze(m, idx)
     a = ng.atoms["emb.weight"]
     assert a.kind == "embedding" and "emb.weight" in ng.diagnostics.tied
-    assert a.downstream == pytest.approx(2.0)  # D(embedding out) + D(head out) = 1 + 1
+    # D(embedding out) + D(head out) read in the table's row norm: 1 + √d (tests/test_scale.py)
+    assert a.downstream == pytest.approx(1 + math.sqrt(8))
+    assert normgraph.analyze(m, idx, sensitivity="modula").atoms["emb.weight"].downstream == pytest.approx(2.0)
     assert "tied parameter emb.weight" in str(ng)
     ng = normgraph.analyze(m, idx, kinds={"emb.weight": "linear"})
     assert (ng.atoms["emb.weight"].kind, ng.atoms["emb.weight"].fan_in) == ("linear", 8)

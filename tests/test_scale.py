@@ -416,3 +416,114 @@ def test_hybrid_mode_reads_plain_sums_in_quadrature_and_weighted_sums_as_modula(
         weighted = normgraph.analyze(Weighted(), x, sensitivity=mode).atoms
         assert weighted["w2.weight"].downstream == pytest.approx(1.0), mode
         assert weighted["w1.weight"].downstream == pytest.approx(0.5), mode
+
+
+# ---------------------------------------------------------------------------------------
+# Residual body mass, gates, tied heads (hybrid mode)
+
+
+@pytest.mark.parametrize("L", [1, 4])
+def test_residual_body_shares_a_fixed_mass_so_outer_budgets_do_not_shrink_with_depth(L):
+    """Every atom inside `x + f(x)` branches (w1, w2, the pre-norm gains) shares BODY_MASS;
+    the embedding, the final norm and the head keep their kinds' masses, so their budgets
+    are the same at every depth: head budget = 1 / (BODY_MASS + 1 + 1 + 0.1) / D(head) = 1."""
+    from normgraph.analysis.analyze import BODY_MASS
+    ng = normgraph.analyze(PreNorm(L), IDS)
+    body = [a for n, a in ng.atoms.items() if n.startswith(("ln.", "w1.", "w2."))]
+    assert len(body) == 3 * L
+    assert sum(a.mass for a in body) == pytest.approx(BODY_MASS)
+    assert [ng.atoms[n].mass for n in ("emb.weight", "ln_f.weight", "head.weight")] == pytest.approx([1, 0.1, 1])
+    assert ng.atoms["head.weight"].budget == pytest.approx(1 / (BODY_MASS + 2.1))
+    assert any("residual body" in note for note in ng.diagnostics.notes)
+
+
+def test_body_mass_is_a_choice_and_weighted_residuals_have_no_body():
+    per_atom = normgraph.analyze(PreNorm(3), IDS, body_mass=None)
+    assert {a.mass for n, a in per_atom.atoms.items() if n.startswith("w")} == {1.0}
+    four = normgraph.analyze(PreNorm(3), IDS, body_mass=4)
+    assert sum(a.mass for n, a in four.atoms.items() if n.startswith(("ln.", "w1.", "w2."))) == pytest.approx(4)
+    # masses= is applied afterwards and wins
+    mixed = normgraph.analyze(PreNorm(3), IDS, masses={"w1": 6})
+    assert sum(a.mass for n, a in mixed.atoms.items() if n.startswith("w1.")) == pytest.approx(6)
+    with pytest.raises(ValueError, match="modula"):
+        normgraph.analyze(PreNorm(1), IDS, sensitivity="modula", body_mass=4)
+    with pytest.raises(ValueError, match="body_mass"):
+        normgraph.analyze(PreNorm(1), IDS, body_mass=-1)
+    # modula's convex residuals (explicitly weighted sums) are designed: masses as modula's
+    convex = normgraph.analyze(ResidualMLP(3), (torch.randn(4, 8),))
+    assert not any("residual body" in note for note in convex.diagnostics.notes)
+
+
+class Gated(nn.Module):
+    """out = W_d (act(W_g x) · W_u x) (SwiGLU's shape) or W_d (h · tanh h), h = W_g x (one activation)."""
+
+    def __init__(self, gate: bool) -> None:
+        super().__init__()
+        self.gate = gate
+        self.wg, self.wu, self.wd = (nn.Linear(8, 8, bias=False) for _ in range(3))
+
+    def forward(self, x):
+        h = self.wg(x)
+        return self.wd(torch.tanh(h) * self.wu(x) if self.gate else h * torch.tanh(h))
+
+
+def test_a_gate_counts_each_operand_half_an_elementwise_product_does_not():
+    """A product of two maps' outputs is one bilinear unit (½ + ½, as attention's thirds); a
+    product of two functions of one activation (GELU written out) keeps both full paths."""
+    x = (torch.randn(2, 8),)
+    gate = normgraph.analyze(Gated(True), x).atoms
+    assert gate["wu.weight"].downstream == pytest.approx(0.5)
+    assert gate["wg.weight"].downstream == pytest.approx(0.5)  # tanh: sensitivity 1, scale 1
+    single = normgraph.analyze(Gated(False), x).atoms
+    assert single["wg.weight"].downstream == pytest.approx(2.0)  # S(tanh h)·1 + S(h)·1
+    assert normgraph.analyze(Gated(True), x, sensitivity="scale").atoms["wu.weight"].downstream == pytest.approx(1.0)
+
+
+class TiedHead(nn.Module):
+    def __init__(self, transposed: bool, vocab: int = 16, d: int = 8) -> None:
+        super().__init__()
+        self.transposed = transposed
+        self.wte, self.ln = nn.Embedding(vocab, d), nn.LayerNorm(d, bias=False)
+
+    def forward(self, ids):
+        h = self.ln(self.wte(ids))
+        return h @ self.wte.weight.T if self.transposed else F.linear(h, self.wte.weight)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_tied_head_use_is_read_in_the_embedding_norm(transposed):
+    """The table's step is sized per row (ℓ1→RMS); as the head, a row change of RMS 1 moves a
+    logit by S(h)·√d for unaligned directions: D = 1 (embedding use) + √8 (head use)."""
+    atoms = normgraph.analyze(TiedHead(transposed), IDS).atoms
+    assert atoms["wte.weight"].kind == "embedding"
+    assert atoms["wte.weight"].downstream == pytest.approx(1 + math.sqrt(8))
+    scale = normgraph.analyze(TiedHead(transposed), IDS, sensitivity="scale").atoms
+    assert scale["wte.weight"].downstream == pytest.approx(2.0)  # the other modes as they were
+
+
+class Positions(nn.Module):
+    """Token table read at the data's ids; a position table at arange(T) and one sliced `[:T]`;
+    one plain residual block (or none)."""
+
+    def __init__(self, residual: bool = True, d: int = 8) -> None:
+        super().__init__()
+        self.residual = residual
+        self.tok, self.pos = nn.Embedding(16, d), nn.Embedding(8, d)
+        self.pos2 = nn.Parameter(torch.randn(8, d))
+        self.mid, self.head = nn.Linear(d, d, bias=False), nn.Linear(d, 16, bias=False)
+
+    def forward(self, ids):
+        t = ids.shape[1]
+        x = self.tok(ids) + self.pos(torch.arange(t)) + self.pos2[:t]
+        return self.head(x + self.mid(x) if self.residual else self.mid(x))
+
+
+def test_tables_read_at_fixed_indices_are_weighed_as_biases_beside_a_residual_body():
+    """With a residual body (fixed total mass) a position table takes a bias's share, not a
+    token table's; without one (every atom one unit) it keeps the embedding's mass."""
+    assert normgraph.analyze(Positions(residual=False), IDS).atoms["pos.weight"].mass == 1.0
+    atoms = normgraph.analyze(Positions(), IDS).atoms
+    assert atoms["tok.weight"].mass == 1.0
+    assert atoms["pos.weight"].kind == atoms["pos2"].kind == "embedding"
+    assert atoms["pos.weight"].mass == atoms["pos2"].mass == pytest.approx(0.1)
+    assert normgraph.analyze(Positions(), IDS, sensitivity="scale").atoms["pos.weight"].mass == 1.0

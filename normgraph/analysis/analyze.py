@@ -25,13 +25,16 @@ from ..core.wrappers import WRAPPER_PREFIX, unwrap_data_parallel
 from . import ops
 from .rules import (ATOM_RULES, PARAM_FLOW,
                     AtomSpec, BondInput, Use, bond_sensitivity, module_entry)
-from .scale import Scales, atom_gain, scaled_bond
+from .residual import residual_body
+from .scale import SUMS, Scales, atom_gain, is_integer, scaled_bond
 from .trace import Captured, capture
 from .wrappers import analysable
 
 SENSITIVITY_MODES = ("hybrid", "scale", "modula", "typical")
 #: The default mode (docs/concepts.md says why, with the measurements that chose it).
 DEFAULT_SENSITIVITY = "hybrid"
+#: Total mass of the residual body in "hybrid" mode (docs/concepts.md: measured across depth).
+BODY_MASS = 8.0
 
 FALLBACK_NOTE = "fallback: RMS norm of the whole tensor, dual = normalise to RMS 1"
 
@@ -41,7 +44,7 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             masses: Mapping[str, float] | None = None, *,
             kinds: Mapping[str, str] | None = None, frontend: str = "auto",
             conv_mode: str = "positional", split_packed: bool = True,
-            sensitivity: str = DEFAULT_SENSITIVITY) -> NormGraph:
+            sensitivity: str = DEFAULT_SENSITIVITY, body_mass: float | str | None = "auto") -> NormGraph:
     """Infer every trainable parameter's operator norm, mass, sensitivity and budget.
 
     Args:
@@ -62,11 +65,19 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             in quadrature, weighted sums and shared readers worst case. "scale": the same
             scales, worst case everywhere. "typical": quadrature everywhere. "modula":
             modula's algebra exactly (every activation unit-sized).
+        body_mass: total mass of the atoms inside residual branches (`normgraph.analysis.residual`),
+            split in proportion to their own masses, so the embeddings' and the head's shares
+            do not shrink as layers are added (modula's `blocks_mass`). "auto": `BODY_MASS`
+            in "hybrid" mode, off in the others; None: off (one unit per atom); a number: that
+            total, in any mode but "modula". Networks whose residuals are explicitly weighted
+            (modula's convex residuals) have no plain-sum joins and keep their masses.
+            `masses=` is applied afterwards and wins.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"normgraph.analyze expects a torch.nn.Module, got {type(model).__name__}")
     if sensitivity not in SENSITIVITY_MODES:
         raise ValueError(f"sensitivity={sensitivity!r}: expected one of {SENSITIVITY_MODES}")
+    body_mass = _body_mass(body_mass, sensitivity)
     if conv_mode not in ("positional", "flatten"):
         raise ValueError(f"conv_mode={conv_mode!r}: expected 'positional' or 'flatten'")
     _refuse_unsupported({n: p for n, p in model.named_parameters() if p.requires_grad and p.numel() > 0})
@@ -109,6 +120,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         D, assumed = downstream(cap, scales)
         diag.assumed_ops = assumed
         atoms = _graph_atoms(trainable, uses, D, kinds or {}, diag, scales)
+        if body_mass is not None and scales is not None and _weigh_body(atoms, uses, cap, scales, body_mass, diag):
+            _weigh_position_tables(atoms, uses, scales.live, diag)
         graph = _to_networkx(cap, D, uses, scales)
     _check_kinds(kinds or {}, trainable)
     apply_masses(atoms, masses or {})
@@ -121,6 +134,64 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         else:
             graph.add_node(atom.name, **_atom_attrs(atom))
     return NormGraph(atoms, graph, diag)
+
+
+def _body_mass(value: float | str | None, sensitivity: str) -> float | None:
+    if value == "auto":
+        return BODY_MASS if sensitivity == "hybrid" else None
+    if value is None:
+        return None
+    if isinstance(value, str) or not (math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(f"body_mass={value!r}: expected 'auto', None or a positive number")
+    if sensitivity == "modula":
+        raise ValueError("body_mass needs a scale-reading sensitivity mode (\"hybrid\", \"scale\", "
+                         "\"typical\"); sensitivity=\"modula\" keeps modula's masses exactly")
+    return float(value)
+
+
+def _weigh_position_tables(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
+                           live: set[fx.Node], diag: Diagnostics) -> None:
+    """A table read only at indices that carry no signal (positions `arange(T)`, a constant
+    token-type buffer, `wpe[:T]`) adds the same row to every sequence: a bias indexed by
+    position, weighed as one (the bias kind's mass), not as a token table. Applied with the
+    body mass, where every atom outside the body holds a fixed share of the update: a full
+    share moved GPT-2's position rows 11× faster than its (tied) token rows (docs/concepts.md)."""
+    bias_mass = kind_of("bias").mass
+    for name, specs in uses.items():
+        atom = atoms.get(name)
+        if atom is None or atom.kind != "embedding" or not specs or name in diag.tied:
+            continue
+        if all(u is not None and _fixed_rows(u, live) for _, _, u in specs):
+            atom.mass = bias_mass
+            atom.note = f"{atom.note}; read at fixed indices (a position table): the bias kind's mass"
+
+
+def _fixed_rows(use: Use, live: set[fx.Node]) -> bool:
+    if use.op == "embedding":
+        return not any(isinstance(v, fx.Node) and k != use.key and v in live for k, v in use.args.items())
+    return use.indexed  # sliced by constants on its way to an add: `x + wpe[:T]`
+
+
+def _weigh_body(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
+                cap: Captured, scales: Scales, total: float, diag: Diagnostics) -> bool:
+    """Give the atoms used inside residual branches `total` mass between them; False if
+    the network has no plain residual joins (nothing changed)."""
+    def plain_sum(node: fx.Node) -> bool:
+        return ops.op_name(node, cap.modules) in SUMS and not any(
+            scales.scaled_explicitly(i) for _, i in ops.tensor_inputs(node) if i in scales.live)
+
+    body = residual_body(cap.graph, scales.live, plain_sum,
+                         lambda n: n not in scales.weights and not is_integer(n))
+    inside = [atoms[n] for n, specs in uses.items()
+              if n in atoms and any(node in body for _, node, _ in specs)]
+    own = sum(a.mass for a in inside)
+    if not inside or own <= 0:
+        return False
+    for a in inside:
+        a.mass = total * a.mass / own
+    diag.notes.append(f"residual body: {len(inside)} atoms inside residual branches share mass {total:g} "
+                      f"(body_mass; one unit per atom would give them {own:g})")
+    return True
 
 
 def _refuse_unsupported(trainable: Mapping[str, torch.Tensor]) -> None:
@@ -562,7 +633,8 @@ def _to_networkx(cap: Captured, D: dict[fx.Node, float],
     g = nx.DiGraph()
     keep = {n for n in cap.graph.nodes if D[n] > 0 and n not in cap.params and n.op != "get_attr"}
     for n in keep:
-        g.add_node(n.name, type="op", op=ops.op_name(n, cap.modules), downstream=D[n])
+        g.add_node(n.name, type="op", op=ops.op_name(n, cap.modules), downstream=D[n],
+                   **({"scale": scales(n)} if scales is not None else {}))
     for n in keep:
         if n.op in ("placeholder", "output"):
             continue

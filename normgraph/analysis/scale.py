@@ -154,6 +154,30 @@ class Scales:
         parameter moves all its uses at once: they are aligned, not independent)."""
         return 1.0 if self.hybrid else self.p
 
+    def roots(self, node: fx.Node) -> frozenset[fx.Node]:
+        """The nearest ops above `node` (itself included) that read a weight, or the graph's
+        inputs: where the signal `node` carries was last transformed by a parameter. Two
+        activations with the same roots are functions of one activation (GELU written as
+        `x·(1 + tanh(…))`); with disjoint roots they come from different maps (a gate)."""
+        memo = self.__dict__.setdefault("_roots", {})
+        if node in memo:
+            return memo[node]
+        inputs = [i for i in node.all_input_nodes if i in self.live]
+        if node.op == "placeholder" or any(i in self.weights for i in node.all_input_nodes) or not inputs:
+            out = frozenset([node])
+        else:
+            out = frozenset().union(*(self.roots(i) for i in inputs if i not in self.weights))
+        memo[node] = out
+        return out
+
+    def gating(self, node: fx.Node) -> bool:
+        """`a · b` of two live activations from different maps: a bilinear unit (SwiGLU's
+        `silu(x W_g) · x W_u`, GLU variants), not an elementwise function of one activation."""
+        terms = [i for _, i in ops.tensor_inputs(node) if i in self.live and i not in self.weights]
+        if len(terms) != 2 or terms[0] is terms[1]:
+            return False
+        return not (self.roots(terms[0]) & self.roots(terms[1]))
+
     def summand(self, x: Any) -> float:
         """What `x` adds to a sum's scale: live activations only (not masks, not numbers)."""
         return self.value.get(x, 0.0) if isinstance(x, fx.Node) and x in self.live else 0.0
@@ -162,7 +186,7 @@ class Scales:
         if node in params:
             return 0.0 if params[node] in biases else 1.0
         if node.op in ("placeholder", "get_attr"):
-            if _integer(node):
+            if is_integer(node):
                 return 0.0
             value = self._values.get(node)
             if (node not in self.live and isinstance(value, torch.Tensor) and value.numel()
@@ -176,7 +200,7 @@ class Scales:
             if ops.op_name(node, self.modules) in _CONSTANT_PASSTHROUGH and isinstance(src, fx.Node):
                 return self.value.get(src, 1.0)
             return 1.0
-        if _integer(node):
+        if is_integer(node):
             return 0.0
         op = ops.op_name(node, self.modules)
         rule = SCALE_RULES.get(op)
@@ -190,7 +214,8 @@ _CONSTANT_PASSTHROUGH = {"to", "type", "type_as", "float", "half", "bfloat16", "
                          "detach", "alias", "view", "reshape", "expand", "unsqueeze", "squeeze"}
 
 
-def _integer(node: fx.Node) -> bool:
+def is_integer(node: fx.Node) -> bool:
+    """An integer-valued node (token ids, positions): indices, not activations."""
     val = node.meta.get("val", node.meta.get("example_value"))
     dtype = getattr(val, "dtype", None)
     return dtype is not None and not (dtype.is_floating_point or dtype.is_complex)
@@ -209,15 +234,37 @@ def atom_gain(use: Use, kind: str, S: Scales) -> float:
     """How far a unit step of an atom (in its own norm) moves its op's output: the scale of
     what the parameter multiplies. Embedding rows, biases and normalisation gains act on
     unit-scale quantities (1); a weight or an elementwise gain multiplies its op's data."""
+    if kind == "embedding" and use.op in _MATRIX_OPS and len(use.shape) == 2:
+        return _read_as_matrix(use, S)
     if kind in ("embedding", "bias", "fallback") or use.op in NORMALISATIONS:
         return 1.0
     gain = 1.0
     for key, inp in use.args.items():
         if not isinstance(inp, fx.Node) or key == use.key or _is_bias_key(use.op, key):
             continue
-        if inp in S.live and not _integer(inp):
+        if inp in S.live and not is_integer(inp):
             gain *= S(inp)
     return gain
+
+
+_MATRIX_OPS = ("linear", "matmul", "mm", "addmm", "bmm", "einsum")
+
+
+def _read_as_matrix(use: Use, S: Scales) -> float:
+    """An embedding table also used as a matrix (a head tied to the token embedding): its
+    step is sized in the embedding's norm (each row's RMS), so this use's gain converts. A
+    row change of RMS 1 (ℓ2 norm √d) meets an input of RMS S(x) (ℓ2 norm S·√d): the output
+    entry moves by their inner product, S·√d for directions that are not aligned (S·d when
+    they are). Typical, as sums are read in hybrid mode: S(x)·√d."""
+    second = use.op != "linear" and use.key in ("other", "mat2", 1)  # x @ W: W's rows are contracted
+    contracted = 0 if second else 1  # linear(x, W) and W @ x contract W's columns
+    d = use.shape[contracted if not use.transposed else 1 - contracted]
+    gain = 1.0
+    for key, inp in use.args.items():
+        if isinstance(inp, fx.Node) and key != use.key and not _is_bias_key(use.op, key) \
+                and inp in S.live and not is_integer(inp):
+            gain *= S(inp)
+    return gain * math.sqrt(d) if S.hybrid else gain
 
 
 def _is_bias_key(op: str, key: Any) -> bool:
@@ -298,7 +345,7 @@ def _matrix_product(node: fx.Node, args: dict, S: Scales) -> float:
     """Linear maps and products of activations: the product of the operands' scales."""
     out, op = 1.0, ops.op_name(node)
     for key, inp in args.items():
-        if isinstance(inp, fx.Node) and not _is_bias_key(op, key) and not _integer(inp):
+        if isinstance(inp, fx.Node) and not _is_bias_key(op, key) and not is_integer(inp):
             out *= S(inp)
     return out
 
@@ -335,13 +382,15 @@ for _op in ("to", "type_as", "expand_as", "view", "reshape"):  # the second argu
 
 
 def _mul_bond(b: BondInput, S: Scales) -> float:
-    """Product of the scales of every other operand (numbers by |c|, constants by 1)."""
-    out = 1.0
+    """Product of the scales of every other operand (numbers by |c|, constants by 1). In
+    hybrid mode a gate (`Scales.gating`) counts each operand half: one well-normed bilinear
+    unit of sensitivity 1 to its two inputs together, as attention counts q, k, v a third."""
+    out = 0.5 if S.hybrid and S.gating(b.node) else 1.0
     for v in b.args.values():
         if v is b.input:
             continue
         if isinstance(v, fx.Node):
-            out *= 1.0 if _integer(v) else S(v)
+            out *= 1.0 if is_integer(v) else S(v)
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out *= abs(float(v))
     return out
@@ -381,7 +430,7 @@ def _matrix_bond(b: BondInput, S: Scales) -> float:
         return 1.0
     out = 1.0
     for k, v in b.args.items():
-        if isinstance(v, fx.Node) and v is not b.input and not _is_bias_key(b.op, k) and not _integer(v):
+        if isinstance(v, fx.Node) and v is not b.input and not _is_bias_key(b.op, k) and not is_integer(v):
             out *= S(v)
     return out
 

@@ -1,0 +1,56 @@
+"""Residual branches: which atoms make up a network's repeated body.
+
+A residual join is a plain sum whose terms share an upstream activation: `x + f(x)`, or
+`g(x) + f(x)` (a ResNet block with a projection shortcut). The nodes strictly between that
+shared activation and the join are its *branch*; an atom used inside some branch is part
+of the body. Embeddings (upstream of every join, `tok + pos` shares nothing) and the
+output head (downstream of the last join) are not.
+
+Why it matters: with one unit of mass per atom, the embedding's and the head's shares of
+the update shrink like 1/depth while the body's grows, and the best learning rate drifts
+with depth (measured in docs/concepts.md). Giving the body a fixed total mass (modula's
+`blocks_mass`) keeps every share depth-independent.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.fx as fx
+
+from . import ops
+
+
+def residual_body(graph: fx.Graph, live: set[fx.Node], is_join: Callable[[fx.Node], bool],
+                  signal: Callable[[fx.Node], bool]) -> set[fx.Node]:
+    """Activations inside some residual branch of `graph`, or between two residual joins.
+
+    `is_join(node)` says which sums count as residual joins (the caller's sum rule);
+    `signal(node)` which live nodes are activations (not weights, not integer indices).
+    """
+    def carries(n: fx.Node) -> bool:
+        return n in live and signal(n)
+
+    ancestors: dict[fx.Node, frozenset[fx.Node]] = {}  # the activations each node depends on
+    after_join: set[fx.Node] = set()  # nodes downstream of some join
+    before_join: set[fx.Node] = set()  # activations upstream of some join
+    body: set[fx.Node] = set()
+    for node in graph.nodes:
+        inputs = [i for i in node.all_input_nodes if i in ancestors]
+        reach_of = [ancestors[i] | {i} if carries(i) else ancestors[i] for i in inputs]
+        ancestors[node] = frozenset().union(*reach_of) if reach_of else frozenset()
+        if any(i in after_join for i in inputs):
+            after_join.add(node)
+        if not carries(node) or not is_join(node):
+            continue
+        terms = [i for _, i in ops.tensor_inputs(node) if carries(i)]
+        if len(terms) < 2:
+            continue
+        reach = [ancestors[t] | {t} for t in terms]
+        shared = frozenset.intersection(*reach)
+        if not shared:
+            continue  # `tok + pos`: independent inputs, not a residual join
+        body |= frozenset.union(*reach) - shared  # the branch
+        before_join |= ancestors[node]
+        after_join.add(node)
+    # between two joins: a post-norm LayerNorm after `x + f(x)` belongs to the body too
+    return body | (after_join & before_join)
