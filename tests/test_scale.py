@@ -327,7 +327,7 @@ class TiedNanoGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-@pytest.mark.parametrize("mode, bound", [("scale", 100.0), ("typical", 100.0)])
+@pytest.mark.parametrize("mode, bound", [("scale", 100.0), ("typical", 100.0), ("hybrid", 100.0)])
 def test_no_frozen_layers_after_a_few_steps(mode, bound):
     """The issue's check, small: every matrix of a tied-head plain-residual GPT moves, and the
     relative changes lie within 100× of each other (with "modula" the embedding moves 0)."""
