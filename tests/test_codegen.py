@@ -162,3 +162,28 @@ def test_generated_map_on_cuda_compiled_and_eager() -> None:
         assert 0.6 <= ratio <= 1.3, (a.name, ratio)
         err = (u - v).abs().max().item()
         assert err <= 0.05 * a.budget + 1e-3, (a.name, err)  # bf16: compiled and eager kernels differ
+
+
+def test_cpu_default_compute_dtype_follows_native_bf16(monkeypatch) -> None:
+    """bf16 on a CPU that multiplies bf16 natively (and on CUDA), fp32 otherwise; the
+    environment variable overrides the probe; an explicit dtype always wins."""
+    from normgraph.codegen import orthogonalizers as ortho
+    cpu = torch.device("cpu")
+    for flag, want in (("1", torch.bfloat16), ("0", torch.float32)):
+        monkeypatch.setenv("NORMGRAPH_CPU_BF16", flag)
+        ortho.cpu_has_fast_bf16.cache_clear()
+        assert ortho.compute_dtype(cpu) == want
+        assert ortho.compute_dtype(cpu, torch.float64) == torch.float64
+        assert ortho.compute_dtype(torch.device("cuda")) == torch.bfloat16
+    monkeypatch.delenv("NORMGRAPH_CPU_BF16")
+    ortho.cpu_has_fast_bf16.cache_clear()
+    caps = torch.cpu.get_capabilities()
+    native = any(caps.get(f) for f in ortho.FAST_BF16_CPU_FLAGS)
+    assert ortho.compute_dtype(cpu) == (torch.bfloat16 if native else torch.float32)
+    monkeypatch.setenv("NORMGRAPH_CPU_BF16", "1")
+    ortho.cpu_has_fast_bf16.cache_clear()
+    at = [linear("wide.weight", 16, 64)]
+    source, fn = codegen.generate(at, compile_mode="eager")
+    assert "bfloat16" in source and "gram_form=True" not in source  # bf16: direct form
+    monkeypatch.setenv("NORMGRAPH_CPU_BF16", "0")
+    ortho.cpu_has_fast_bf16.cache_clear()

@@ -33,7 +33,7 @@ class MapOptions:
     orthogonalizer   a registered name ("newton-schulz", "svd", or your own)
     ns_steps         Newton–Schulz steps
     ns_coefficients  "quintic", "polar-express", or (a, b, c) triples
-    compute_dtype    the orthogonalizer's compute dtype (None: bf16 on CUDA, fp32 elsewhere)
+    compute_dtype    the orthogonalizer's compute dtype (None: `orthogonalizers.compute_dtype`, bf16 on CUDA and native-bf16 CPUs)
     ns_method        "auto", "direct" or "gram" (how Newton–Schulz is evaluated)
     compile_mode     torch.compile mode for the generated map, or "eager"
     backend          torch.compile backend (None: never compile)
