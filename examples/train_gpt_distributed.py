@@ -12,6 +12,7 @@ prints the loss, the time per step and, at the end, this rank's share of the map
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 
@@ -95,6 +96,10 @@ def main() -> None:
               f"{median(opt_times):.1f} ms (second half of the run)")
         if loads:
             print("orthogonalization FLOPs per rank: " + ", ".join(f"{x / 1e9:.2f} GFLOP" for x in loads))
+    # Release DDP's/FSDP's last communication handles (they hold tensors) while the interpreter
+    # is whole: gloo threads destroying them during interpreter teardown can abort the process.
+    del opt, schedule, model, dualize
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
