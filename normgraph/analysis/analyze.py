@@ -6,7 +6,8 @@ The pass is four plain functions over the captured graph:
    D(v) = Σ over uses of v by an op of (that op's sensitivity to that input) × D(op output);
 2. `classify`: each trainable parameter's uses (after pure data movement) and the atom rule
    of each consuming op;
-3. `apply_masses`: default masses per kind, then the user's `masses` prefixes (modula's tare);
+3. masses: default masses per kind; in "hybrid" mode the residual body (`residual`) shares
+   `BODY_MASS` (`_weigh_body`); then the user's `masses` prefixes (`apply_masses`, modula's tare);
 4. budgets: budget = mass / total_mass / D(output of the atom's op), modula's target_norm at T=1.
 """
 from __future__ import annotations
