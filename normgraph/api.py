@@ -18,6 +18,7 @@ import torch
 
 from .analysis.analyze import DEFAULT_SENSITIVITY, analyze
 from .codegen.options import MapOptions
+from .codegen.orthogonalizers import DEFAULT_SCHEDULE
 from .core.graph import NormGraph
 from .io.annotations import check_against, load
 from .io.onnx import write_onnx
@@ -27,7 +28,7 @@ from .optim.optimizer import NormGraphOptimizer
 
 def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: dict[str, Any] | None = None, *,  # noqa: A001
             lr: float = 0.25, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
-            orthogonalizer: str = "newton-schulz", ns_steps: int = 5, ns_coefficients: str | Sequence = "quintic",
+            orthogonalizer: str = "newton-schulz", ns_steps: int = 5, ns_coefficients: str | Sequence = DEFAULT_SCHEDULE,
             annotations: NormGraph | str | os.PathLike | None = None, masses: dict[str, float] | None = None,
             compute_dtype: torch.dtype | None = None, ns_method: str = "auto", compile_mode: str = "default",
             backend: str | None = "inductor", sensitivity: str = DEFAULT_SENSITIVITY, shard_map: bool | None = None,

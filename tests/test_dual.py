@@ -126,9 +126,14 @@ def test_svd_orthogonalize_is_exact_and_drops_null_directions() -> None:
 
 def test_newton_schulz_dtype_switch_and_output_dtype() -> None:
     x = torch.randn(2, 16, 8)
-    y = ortho.newton_schulz(x, dtype=torch.bfloat16)
+    y = ortho.newton_schulz(x, coefficients="quintic", dtype=torch.bfloat16)
     assert y.dtype == torch.float32
-    torch.testing.assert_close(y, ortho.newton_schulz(x), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(y, ortho.newton_schulz(x, coefficients="quintic", dtype=torch.float32),
+                               atol=0.05, rtol=0.05)
+    # Polar Express's large early coefficients amplify bf16 rounding more (measured 0.09 relative
+    # here, against 0.045 for the quintic); its accuracy bands hold in bf16 (test_ns_bands.py)
+    pe, pe32 = (ortho.newton_schulz(x, dtype=d) for d in (torch.bfloat16, torch.float32))
+    assert float((pe - pe32).norm() / pe32.norm()) < 0.15
 
 
 def test_schedules() -> None:

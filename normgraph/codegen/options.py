@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .orthogonalizers import check_ns_method, lookup, ns_schedule
+from .orthogonalizers import DEFAULT_SCHEDULE, check_ns_method, lookup, ns_schedule
 from .runtime import COMPILE_MODES
 
 
@@ -32,7 +32,7 @@ class MapOptions:
 
     orthogonalizer   a registered name ("newton-schulz", "svd", or your own)
     ns_steps         Newton–Schulz steps
-    ns_coefficients  "quintic", "polar-express", or (a, b, c) triples
+    ns_coefficients  "polar-express" (default), "quintic" (Muon's), or (a, b, c) triples
     compute_dtype    the orthogonalizer's compute dtype (None: `orthogonalizers.compute_dtype`, bf16 on CUDA and native-bf16 CPUs)
     ns_method        "auto", "direct" or "gram" (how Newton–Schulz is evaluated)
     compile_mode     torch.compile mode for the generated map, or "eager"
@@ -41,7 +41,7 @@ class MapOptions:
 
     orthogonalizer: str = "newton-schulz"
     ns_steps: int = 5
-    ns_coefficients: str | tuple[tuple[float, float, float], ...] = "quintic"
+    ns_coefficients: str | tuple[tuple[float, float, float], ...] = DEFAULT_SCHEDULE
     compute_dtype: str | None = None
     ns_method: str = "auto"
     compile_mode: str = "default"

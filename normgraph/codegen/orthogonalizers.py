@@ -46,6 +46,10 @@ POLAR_EXPRESS: Coefficients = (
 POLAR_EXPRESS_SAFETY = 1.02
 
 SCHEDULES = ("quintic", "polar-express")
+#: The default schedule: Polar Express is more accurate than Muon's quintic at the same
+#: matmul count (docs/performance.md) and trained every model we measured as well or
+#: better (docs/results.md §7).
+DEFAULT_SCHEDULE = "polar-express"
 #: How the Newton–Schulz polynomial is evaluated: "direct" iterates on X (m×n); "gram"
 #: iterates on the m×m Gram matrix and touches X only twice; "auto" picks "gram" where it is
 #: both cheaper and as accurate (see `use_gram`).
@@ -312,7 +316,7 @@ register_orthogonalizer(
     flops=lambda m, n, s: ns_flops(m, n, len(s["coefficients"]), s["gram_form"]))
 
 
-def newton_schulz(x: torch.Tensor, steps: int = 5, coefficients: str | Sequence = "quintic",
+def newton_schulz(x: torch.Tensor, steps: int = 5, coefficients: str | Sequence = DEFAULT_SCHEDULE,
                   dtype: torch.dtype | None = None, eps: float = NS_EPS, method: str = "auto") -> torch.Tensor:
     """Approximate U Vᵀ of each matrix in a (..., m, n) batch (eager; any orientation).
 
