@@ -1,7 +1,8 @@
 """Residual branches: which atoms make up a network's repeated body.
 
 A residual join is a plain sum whose terms share an upstream activation: `x + f(x)`, or
-`g(x) + f(x)` (a ResNet block with a projection shortcut). The nodes strictly between that
+`g(x) + f(x)` (a ResNet block with a projection shortcut). `x + x` (one activation
+doubled) is no join. The nodes strictly between that
 shared activation and the join are its *branch*; an atom used inside some branch is part
 of the body. Embeddings (upstream of every join, `tok + pos` shares nothing) and the
 output head (downstream of the last join) are not.
@@ -42,9 +43,9 @@ def residual_body(graph: fx.Graph, live: set[fx.Node], is_join: Callable[[fx.Nod
             after_join.add(node)
         if not carries(node) or not is_join(node):
             continue
-        terms = [i for _, i in ops.tensor_inputs(node) if carries(i)]
+        terms = list(dict.fromkeys(i for _, i in ops.tensor_inputs(node) if carries(i)))
         if len(terms) < 2:
-            continue
+            continue  # `x + x`: one activation doubled, no branch
         reach = [ancestors[t] | {t} for t in terms]
         shared = frozenset.intersection(*reach)
         if not shared:

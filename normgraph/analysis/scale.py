@@ -94,6 +94,7 @@ class Scales:
         self._values = values or {}
         self.modules = modules
         self.value: dict[fx.Node, float] = {}
+        self._roots: dict[fx.Node, frozenset[fx.Node]] = {}  # memo of `roots`
         #: values computed from parameters and constants only (`1 + w`, `w.float()`)
         self.weights: set[fx.Node] = set(params)
         rotations = rotations or {}
@@ -159,7 +160,7 @@ class Scales:
         inputs: where the signal `node` carries was last transformed by a parameter. Two
         activations with the same roots are functions of one activation (GELU written as
         `x·(1 + tanh(…))`); with disjoint roots they come from different maps (a gate)."""
-        memo = self.__dict__.setdefault("_roots", {})
+        memo = self._roots
         if node in memo:
             return memo[node]
         inputs = [i for i in node.all_input_nodes if i in self.live]
@@ -176,7 +177,10 @@ class Scales:
         terms = [i for _, i in ops.tensor_inputs(node) if i in self.live and i not in self.weights]
         if len(terms) != 2 or terms[0] is terms[1]:
             return False
-        return not (self.roots(terms[0]) & self.roots(terms[1]))
+        a, b = self.roots(terms[0]), self.roots(terms[1])
+        if any(r.op == "placeholder" for r in a | b):
+            return False  # a graph input (a float mask, `x · f(x)` on the raw input): no gate
+        return not (a & b)
 
     def summand(self, x: Any) -> float:
         """What `x` adds to a sum's scale: live activations only (not masks, not numbers)."""
