@@ -3,6 +3,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.nn as nn
 
 import normgraph
@@ -85,12 +86,18 @@ class _TiedEinsum(nn.Module):
         return torch.einsum("btd,vd->btv", h, self.emb.weight)
 
 
-@pytest.mark.xfail(strict=True, reason="_read_as_matrix skips the einsum operands list of the export "
-                   "front end (aten.einsum(eq, [h, W])), so S(h) is left out there but not under "
-                   "symbolic_trace (einsum(eq, h, W)): the two front ends disagree")
 def test_tied_einsum_head_same_in_both_front_ends():
     t = torch.randint(0, 32, (2, 5))
     model = _TiedEinsum()
     exp = _analyze(model, (t,), frontend="export").atoms["emb.weight"].downstream
     sym = _analyze(model, (t,), frontend="symbolic_trace").atoms["emb.weight"].downstream
     assert exp == pytest.approx(sym)
+    # the same head written as a linear: the equation's contracted d = 16 is the linear's fan-in
+    assert exp == pytest.approx(_analyze(_TiedAsLinear(), (t,)).atoms["emb.weight"].downstream)
+
+
+class _TiedAsLinear(_TiedEinsum):
+    def forward(self, t):
+        h = self.emb(t)
+        h = h + self.l(torch.relu(h))
+        return F.linear(h, self.emb.weight)

@@ -260,15 +260,60 @@ def _read_as_matrix(use: Use, S: Scales) -> float:
     row change of RMS 1 (ℓ2 norm √d) meets an input of RMS S(x) (ℓ2 norm S·√d): the output
     entry moves by their inner product, S·√d for directions that are not aligned (S·d when
     they are). Typical, as sums are read in hybrid mode: S(x)·√d."""
-    second = use.op != "linear" and use.key in ("other", "mat2", 1)  # x @ W: W's rows are contracted
-    contracted = 0 if second else 1  # linear(x, W) and W @ x contract W's columns
-    d = use.shape[contracted if not use.transposed else 1 - contracted]
+    if use.op == "einsum":
+        operands, equation = _einsum_operands(use)
+        weight = _param_node(use, operands)
+        shape = use.shape if not use.transposed else (*use.shape[:-2], use.shape[-1], use.shape[-2])
+        d = _einsum_contracted(equation, operands, weight, shape) if equation and weight is not None else None
+        others = [x for x in operands if x is not weight]
+    else:
+        second = use.op != "linear" and use.key in ("other", "mat2", 1)  # x @ W: W's rows are contracted
+        contracted = 0 if second else 1  # linear(x, W) and W @ x contract W's columns
+        d = use.shape[contracted if not use.transposed else 1 - contracted]
+        others = [inp for key, inp in use.args.items() if key != use.key and not _is_bias_key(use.op, key)]
     gain = 1.0
-    for key, inp in use.args.items():
-        if isinstance(inp, fx.Node) and key != use.key and not _is_bias_key(use.op, key) \
-                and inp in S.live and not is_integer(inp):
+    for inp in others:
+        if isinstance(inp, fx.Node) and inp in S.live and not is_integer(inp):
             gain *= S(inp)
-    return gain * math.sqrt(d) if S.hybrid else gain
+    return gain * math.sqrt(d) if S.hybrid and d else gain
+
+
+def _einsum_operands(use: Use) -> tuple[list[Any], str | None]:
+    """einsum's operands and equation, whether the front end passed the operands as a list
+    (`torch.export`: `einsum(eq, [h, W])`) or one by one (`symbolic_trace`: `einsum(eq, h, W)`)."""
+    equation = use.args.get("equation", use.args.get(0))
+    tensors = use.args.get("tensors")
+    if isinstance(tensors, (list, tuple)):
+        return list(tensors), equation if isinstance(equation, str) else None
+    operands = [v for k, v in sorted(((k, v) for k, v in use.args.items() if isinstance(k, int) and k > 0))]
+    return operands, equation if isinstance(equation, str) else None
+
+
+def _einsum_contracted(equation: str, operands: list[Any], weight: fx.Node,
+                       shape: tuple[int, ...]) -> int | None:
+    """The product of the parameter's dimensions that the equation sums over (absent from
+    the output): the d of `btd,vd->btv`. None when the equation cannot be read."""
+    if "->" not in equation or "..." in equation:
+        return None
+    inputs, output = equation.replace(" ", "").split("->")
+    for spec, operand in zip(inputs.split(","), operands):
+        if operand is weight and len(spec) == len(shape):
+            return math.prod(n for letter, n in zip(spec, shape) if letter not in output) or None
+    return None
+
+
+def _param_node(use: Use, operands: list[Any]) -> fx.Node | None:
+    """The operand the parameter entered at: the key's (one by one), or in a `tensors` list
+    the operand read straight from a parameter or attribute with the parameter's shape."""
+    if isinstance(use.key, int):
+        value = use.args.get(use.key)
+        return value if isinstance(value, fx.Node) else None
+    for operand in operands:
+        if isinstance(operand, fx.Node) and operand.op in ("placeholder", "get_attr"):
+            val = operand.meta.get("val", operand.meta.get("example_value"))
+            if val is not None and tuple(val.shape) == tuple(use.shape):
+                return operand
+    return None
 
 
 def _is_bias_key(op: str, key: Any) -> bool:
