@@ -101,3 +101,23 @@ class _TiedAsLinear(_TiedEinsum):
         h = self.emb(t)
         h = h + self.l(torch.relu(h))
         return F.linear(h, self.emb.weight)
+
+
+class _DeepRMS(nn.Module):
+    """x ← x + W(x · rsqrt(mean(x²))): every norm is a product of the stream with a function
+    of it, so the gate check walks the stream back to the input (a chain as deep as the model)."""
+
+    def __init__(self, L: int, d: int = 4) -> None:
+        super().__init__()
+        self.w = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(L))
+
+    def forward(self, x):
+        for w in self.w:
+            x = x + w(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+        return x
+
+
+def test_deep_plain_residual_model_analyzes_without_recursion_error():
+    """A 128-layer Llama raised RecursionError in the gate check; the walk is now iterative."""
+    ng = _analyze(_DeepRMS(800), (torch.randn(2, 4),), frontend="symbolic_trace")
+    assert len(ng.atoms) == 800 and all(a.budget > 0 for a in ng.atoms.values())

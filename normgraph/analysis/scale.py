@@ -161,15 +161,23 @@ class Scales:
         activations with the same roots are functions of one activation (GELU written as
         `x·(1 + tanh(…))`); with disjoint roots they come from different maps (a gate)."""
         memo = self._roots
-        if node in memo:
-            return memo[node]
-        inputs = [i for i in node.all_input_nodes if i in self.live]
-        if node.op == "placeholder" or any(i in self.weights for i in node.all_input_nodes) or not inputs:
-            out = frozenset([node])
-        else:
-            out = frozenset().union(*(self.roots(i) for i in inputs if i not in self.weights))
-        memo[node] = out
-        return out
+        stack = [node]  # iterative post-order: a residual stream is a chain as deep as the model
+        while stack:
+            n = stack[-1]
+            if n in memo:
+                stack.pop()
+                continue
+            inputs = [i for i in n.all_input_nodes if i in self.live]
+            if n.op == "placeholder" or any(i in self.weights for i in n.all_input_nodes) or not inputs:
+                memo[stack.pop()] = frozenset([n])
+                continue
+            signal = [i for i in inputs if i not in self.weights]
+            pending = [i for i in signal if i not in memo]
+            if pending:
+                stack.extend(pending)
+                continue
+            memo[stack.pop()] = frozenset().union(*(memo[i] for i in signal))
+        return memo[node]
 
     def gating(self, node: fx.Node) -> bool:
         """`a · b` of two live activations from different maps: a bilinear unit (SwiGLU's
