@@ -302,7 +302,7 @@ def test_numbers_in_a_sum_count_toward_its_scale():
 
 
 class TiedNanoGPT(nn.Module):
-    """nanoGPT's shape: packed QKV, plain pre-LN residuals, learned positions, tied head."""
+    """nanoGPT's shape and init: packed QKV, plain pre-LN residuals, learned positions, tied head."""
 
     def __init__(self, L: int = 4, d: int = 32, vocab: int = 64, T: int = 16) -> None:
         super().__init__()
@@ -315,6 +315,11 @@ class TiedNanoGPT(nn.Module):
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
         self.head.weight = self.wte.weight
+        for m in self.modules():  # nanoGPT's init: N(0, 0.02) tables and weights, zero biases
+            if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+                torch.nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
 
     def forward(self, idx):
         b, t = idx.shape
@@ -518,12 +523,12 @@ class Positions(nn.Module):
         return self.head(x + self.mid(x) if self.residual else self.mid(x))
 
 
-def test_tables_read_at_fixed_indices_are_weighed_as_biases_beside_a_residual_body():
-    """With a residual body (fixed total mass) a position table takes a bias's share, not a
-    token table's; without one (every atom one unit) it keeps the embedding's mass."""
+def test_tables_read_at_fixed_indices_take_the_position_table_mass_beside_a_residual_body():
+    """With a residual body (fixed total mass) a position table takes POSITION_TABLE_MASS, not
+    a token table's share; without one (every atom one unit) it keeps the embedding's mass."""
     assert normgraph.analyze(Positions(residual=False), IDS).atoms["pos.weight"].mass == 1.0
     atoms = normgraph.analyze(Positions(), IDS).atoms
     assert atoms["tok.weight"].mass == 1.0
     assert atoms["pos.weight"].kind == atoms["pos2"].kind == "embedding"
-    assert atoms["pos.weight"].mass == atoms["pos2"].mass == pytest.approx(0.1)
+    assert atoms["pos.weight"].mass == atoms["pos2"].mass == pytest.approx(0.01)
     assert normgraph.analyze(Positions(), IDS, sensitivity="scale").atoms["pos.weight"].mass == 1.0

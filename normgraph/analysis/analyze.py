@@ -36,6 +36,10 @@ SENSITIVITY_MODES = ("hybrid", "scale", "modula", "typical")
 DEFAULT_SENSITIVITY = "hybrid"
 #: Total mass of the residual body in "hybrid" mode (docs/concepts.md: measured across depth).
 BODY_MASS = 8.0
+#: Mass of a table read at fixed indices (positions, a constant token type) beside a residual
+#: body: a tenth of a bias's. Its rows are added to every sequence, so they must not outgrow the
+#: token rows they sit beside (`_weigh_position_tables`; measured in docs/concepts.md §5).
+POSITION_TABLE_MASS = 0.01
 
 FALLBACK_NOTE = "fallback: RMS norm of the whole tensor, dual = normalise to RMS 1"
 
@@ -153,18 +157,19 @@ def _body_mass(value: float | str | None, sensitivity: str) -> float | None:
 def _weigh_position_tables(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
                            live: set[fx.Node], diag: Diagnostics) -> None:
     """A table read only at indices that carry no signal (positions `arange(T)`, a constant
-    token-type buffer, `wpe[:T]`) adds the same row to every sequence: a bias indexed by
-    position, weighed as one (the bias kind's mass), not as a token table. Applied with the
-    body mass, where every atom outside the body holds a fixed share of the update: a full
-    share moved GPT-2's position rows 11× faster than its (tied) token rows (docs/concepts.md)."""
-    bias_mass = kind_of("bias").mass
+    token-type buffer, `wpe[:T]`) adds the same row to every sequence, at every step: a bias
+    indexed by position. Beside a body, where every outer atom holds a fixed share, it takes
+    `POSITION_TABLE_MASS`. With an embedding's full share GPT-2's position rows moved 11×
+    faster than its tied token rows; with a bias's (0.1) BERT's position and token-type rows
+    still grew to 4× its token rows, and after its LayerNorm the sum carried little of the
+    token (docs/concepts.md §5)."""
     for name, specs in uses.items():
         atom = atoms.get(name)
         if atom is None or atom.kind != "embedding" or not specs or name in diag.tied:
             continue
         if all(u is not None and _fixed_rows(u, live) for _, _, u in specs):
-            atom.mass = bias_mass
-            atom.note = f"{atom.note}; read at fixed indices (a position table): the bias kind's mass"
+            atom.mass = POSITION_TABLE_MASS
+            atom.note = f"{atom.note}; read at fixed indices (a position table): mass {POSITION_TABLE_MASS:g}"
 
 
 def _fixed_rows(use: Use, live: set[fx.Node]) -> bool:
