@@ -3,7 +3,9 @@
     python benchmarks/budget_spread.py --layers 12
 
 Models from small configs (d=128, random init), example batch 2×32 of token ids. A ratio of
-1e12 means the smallest atom is frozen; a small ratio means every matrix trains.
+1e12 means the smallest atom is frozen; a small ratio means every matrix trains. The last
+column leaves out the tables read at fixed indices (positions, token type), which the default
+slows on purpose (`POSITION_TABLE_MASS`, docs/concepts.md §5 rule 4).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import warnings
 import torch
 
 import normgraph
+from normgraph.analysis.analyze import POSITION_TABLE_MASS
 from normgraph.demo.models import GPT, GPTConfig
 
 MODES = ("modula", "scale", "typical", "hybrid")
@@ -38,7 +41,7 @@ def main() -> None:
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
-    print("model      layers  " + "  ".join(f"{m:>9s}" for m in MODES) + "   smallest (last mode)")
+    print("model      layers  " + "  ".join(f"{m:>9s}" for m in MODES) + "  no-pos-tab   smallest (last mode)")
     for layers in args.layers:
         for name, model in models(layers).items():
             row = []
@@ -47,7 +50,11 @@ def main() -> None:
                 b = {n: a.budget for n, a in ng.atoms.items() if a.kind in ("linear", "embedding")}
                 lo = min(b, key=b.get)
                 row.append((max(b.values()) / b[lo], lo))
-            print(f"{name:10s} {layers:6d}  " + "  ".join(f"{r[0]:9.3g}" for r in row) + f"   {row[-1][1]}")
+            rest = {n: v for n, v in b.items() if not (ng.atoms[n].kind == "embedding"
+                                                       and ng.atoms[n].mass == POSITION_TABLE_MASS)}
+            no_pos = max(rest.values()) / min(rest.values())
+            print(f"{name:10s} {layers:6d}  " + "  ".join(f"{r[0]:9.3g}" for r in row)
+                  + f"  {no_pos:10.3g}   {row[-1][1]}")
 
 
 if __name__ == "__main__":
