@@ -1,7 +1,7 @@
 """Train unmodified transformers vision models (ViT, ResNet) on scikit-learn's digits with
 normgraph, AdamW and Muon+AdamW: same init, data order, steps and schedule.
 
-    OMP_NUM_THREADS=1 python benchmarks/train_vision.py --model vit --layers 4 \
+    OMP_NUM_THREADS=1 python benchmarks/train_vision.py --model vit --layers 4 --seeds 0 1 2 \
         --runs normgraph:0.125,0.25 adamw:0.001,0.003 muon:0.02
 
 Digits: 1,797 8×8 grey images (scaled to [0, 1]); the last 360 are the test set. Every run:
@@ -9,6 +9,8 @@ Digits: 1,797 8×8 grey images (scaled to [0, 1]); the last 360 are the test set
 10% of steps; test loss and accuracy on the 360 held-out images. Muon takes the ≥2-D weights
 except the patch/stem embedding and the classifier (as torch.optim.Muon's docs recommend,
 conv kernels flattened to 2-D by Muon itself); AdamW at `--adam-lr` takes the rest.
+The test loss of one setting varies by up to 0.2 between seeds, so compare the means that
+`--seeds` prints, never single runs (docs/results.md §8).
 """
 from __future__ import annotations
 
@@ -81,11 +83,11 @@ class MuonWithAdamW:
                 k.copy_(f.reshape_as(k))
 
 
-def run(args: argparse.Namespace, kind: str, lr: float, data) -> tuple[float, float, float, float]:
+def run(args: argparse.Namespace, kind: str, lr: float, data, seed: int) -> tuple[float, float, float, float]:
     xtr, ytr, xte, yte = data
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = build(args.model, args.layers, args.width)
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(seed)
     if kind == "normgraph":
         import normgraph
         opt = normgraph.compile(model, (xtr[:4],), lr=lr, compile_mode="eager", sensitivity=args.sensitivity)
@@ -125,20 +127,30 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run every lr at each of these seeds and print their mean (digits test losses "
+                        "vary by up to 0.2 between seeds: compare means of 3 or more)")
     p.add_argument("--adam-lr", type=float, default=0.003)
     p.add_argument("--sensitivity", default="hybrid")
     p.add_argument("--runs", nargs="+", required=True, help="optimizer:lr1,lr2 (normgraph, adamw, muon)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     data = digits()
+    seeds = args.seeds or [args.seed]
     print(f"# {args.model} layers={args.layers} width={args.width} steps={args.steps} batch={args.batch} "
-          f"seed={args.seed} threads={torch.get_num_threads()}", flush=True)
+          f"seed={','.join(map(str, seeds))} threads={torch.get_num_threads()}", flush=True)
     print("optimizer  lr       train   test    acc     seconds", flush=True)
     for spec in args.runs:
         kind, lrs = spec.split(":")
         for lr in lrs.split(","):
-            train, test, acc, secs = run(args, kind, float(lr), data)
-            print(f"{kind:10s} {lr:8s} {train:.4f}  {test:.4f}  {acc:.3f}   {secs:.0f}", flush=True)
+            rows = [run(args, kind, float(lr), data, seed) for seed in seeds]
+            for seed, (train, test, acc, secs) in zip(seeds, rows):
+                tag = f"   (seed {seed})" if len(seeds) > 1 else ""
+                print(f"{kind:10s} {lr:8s} {train:.4f}  {test:.4f}  {acc:.3f}   {secs:.0f}{tag}", flush=True)
+            if len(seeds) > 1:
+                mean = [sum(r[i] for r in rows) / len(rows) for i in range(3)]
+                print(f"{kind:10s} {lr:8s} {mean[0]:.4f}  {mean[1]:.4f}  {mean[2]:.3f}   -   (mean of {len(seeds)} seeds)",
+                      flush=True)
 
 
 if __name__ == "__main__":
