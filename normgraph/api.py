@@ -27,7 +27,7 @@ from .optim.optimizer import NormGraphOptimizer
 
 
 def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: dict[str, Any] | None = None, *,  # noqa: A001
-            lr: float = 0.25, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
+            lr: float = 0.25, momentum: float = 0.95, nesterov: bool = True, weight_decay: float | str = "auto",
             orthogonalizer: str = "newton-schulz", ns_steps: int = 5, ns_coefficients: str | Sequence = DEFAULT_SCHEDULE,
             annotations: NormGraph | str | os.PathLike | None = None, masses: dict[str, float] | None = None,
             compute_dtype: torch.dtype | None = None, ns_method: str = "auto", compile_mode: str = "default",
@@ -42,6 +42,12 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
     state dict. `compile_mode="eager"` (or `backend=None`) skips torch.compile; if compiling
     fails the map warns and runs eagerly. Unknown keyword arguments go to
     `normgraph.analyze` (e.g. ``conv_mode="flatten"``), and so does `sensitivity`.
+
+    `weight_decay="auto"` (default) gives each parameter the decoupled decay its atom carries
+    (`Atom.decay`: `BODY_DECAY` = 0.05 for the matrices of a plain residual body, 0 for
+    everything else and for networks without one); a number gives every parameter that decay
+    (0.0 turns it off). Either way one parameter's can be changed later with
+    ``opt.group(name)["weight_decay"] = ...``.
 
     A `DistributedDataParallel` model is analysed through its `.module` (names, masses and
     annotations work with or without the "module." prefix), and by default (`shard_map=None`)

@@ -7,8 +7,11 @@ The pass is four plain functions over the captured graph:
 2. `classify`: each trainable parameter's uses (after pure data movement) and the atom rule
    of each consuming op;
 3. masses: default masses per kind; in "hybrid" mode the residual body (`residual`) shares
-   `BODY_MASS` (`_weigh_body`); then the user's `masses` prefixes (`apply_masses`, modula's tare);
-4. budgets: budget = mass / total_mass / D(output of the atom's op), modula's target_norm at T=1.
+   `BODY_MASS` (`_weigh_body`), its budgets are read in quadrature (`_read_body_in_quadrature`)
+   and its matrices marked for `BODY_DECAY`; then the user's `masses` prefixes (`apply_masses`,
+   modula's tare);
+4. budgets: budget = mass / total_mass / D(output of the atom's op) × budget_scale, modula's
+   target_norm at T=1 (budget_scale is 1 outside a residual body).
 """
 from __future__ import annotations
 
@@ -40,6 +43,19 @@ BODY_MASS = 8.0
 #: body: a tenth of a bias's. Its rows are added to every sequence, so they must not outgrow the
 #: token rows they sit beside (`_weigh_position_tables`; measured in docs/concepts.md §5).
 POSITION_TABLE_MASS = 0.01
+#: Reference size of a residual body, in mass-weighted atoms (n_eff = (Σm)²/Σm²): the body
+#: atoms' budgets are scaled by √(n_eff / n_ref). 28 is a 4-layer Llama's body (7 matrices
+#: per block), the depth at which `BODY_MASS` was chosen, so 4-layer models keep their budgets
+#: (`_read_body_in_quadrature`; measured across depth in docs/concepts.md §5).
+BODY_REFERENCE_ATOMS = 28.0
+#: Decoupled weight decay that `compile(weight_decay="auto")` gives a residual body's matrices
+#: (W ← W·(1 − lr·decay) − lr·update): with steps of fixed norm their norms otherwise grow
+#: without bound; with it a matrix settles at ≤ budget/decay in its own norm (docs/concepts.md §5).
+BODY_DECAY = 0.05
+#: Input scale above which a matrix outside the body reads an unnormalised residual stream
+#: (and decays too): a normalisation's output has scale 1 at initialisation, a stream after
+#: one plain join √2.
+STREAM_INPUT_SCALE = 1.2
 
 FALLBACK_NOTE = "fallback: RMS norm of the whole tensor, dual = normalise to RMS 1"
 
@@ -49,7 +65,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             masses: Mapping[str, float] | None = None, *,
             kinds: Mapping[str, str] | None = None, frontend: str = "auto",
             conv_mode: str = "positional", split_packed: bool = True,
-            sensitivity: str = DEFAULT_SENSITIVITY, body_mass: float | str | None = "auto") -> NormGraph:
+            sensitivity: str = DEFAULT_SENSITIVITY, body_mass: float | str | None = "auto",
+            body_reference: float | str | None = "auto") -> NormGraph:
     """Infer every trainable parameter's operator norm, mass, sensitivity and budget.
 
     Args:
@@ -77,12 +94,19 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             total, in any mode but "modula". Networks whose residuals are explicitly weighted
             (modula's convex residuals) have no plain-sum joins and keep their masses.
             `masses=` is applied afterwards and wins.
+        body_reference: read the body atoms' changes in quadrature: their budgets are scaled
+            by √(n_eff / n_ref), n_eff = (Σm)²/Σm² over the body, so that per-atom steps
+            shrink like 1/√depth instead of 1/depth (independent changes of a plain sum add
+            like √n). "auto": n_ref = `BODY_REFERENCE_ATOMS` whenever the body is weighed;
+            None: off; a number: that n_ref. Weighing the body also marks its matrices for
+            `BODY_DECAY` (`Atom.decay`, used by `compile(weight_decay="auto")`).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"normgraph.analyze expects a torch.nn.Module, got {type(model).__name__}")
     if sensitivity not in SENSITIVITY_MODES:
         raise ValueError(f"sensitivity={sensitivity!r}: expected one of {SENSITIVITY_MODES}")
     body_mass = _body_mass(body_mass, sensitivity)
+    body_reference = _body_reference(body_reference)
     if conv_mode not in ("positional", "flatten"):
         raise ValueError(f"conv_mode={conv_mode!r}: expected 'positional' or 'flatten'")
     _refuse_unsupported({n: p for n, p in model.named_parameters() if p.requires_grad and p.numel() > 0})
@@ -125,8 +149,11 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         D, assumed = downstream(cap, scales)
         diag.assumed_ops = assumed
         atoms = _graph_atoms(trainable, uses, D, kinds or {}, diag, scales)
-        if body_mass is not None and scales is not None and _weigh_body(atoms, uses, cap, scales, body_mass, diag):
+        body = _weigh_body(atoms, uses, cap, scales, body_mass, diag) if body_mass is not None and scales else []
+        if body:
             _weigh_position_tables(atoms, uses, scales.live, diag)
+            _read_body_in_quadrature(body, body_reference, diag)
+            _decay_body(body, atoms, uses, scales, diag)
         graph = _to_networkx(cap, D, uses, scales)
     _check_kinds(kinds or {}, trainable)
     apply_masses(atoms, masses or {})
@@ -154,6 +181,69 @@ def _body_mass(value: float | str | None, sensitivity: str) -> float | None:
     return float(value)
 
 
+def _body_reference(value: float | str | None) -> float | None:
+    if value == "auto":
+        return BODY_REFERENCE_ATOMS
+    if value is None:
+        return None
+    if isinstance(value, str) or not (math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(f"body_reference={value!r}: expected 'auto', None or a positive number "
+                         "(the body size, in atoms, at which budgets are left as they are)")
+    return float(value)
+
+
+def _read_body_in_quadrature(body: list[Atom], n_ref: float | None, diag: Diagnostics) -> None:
+    """Scale the body atoms' budgets by √(n_eff / n_ref), n_eff = (Σm)²/Σm².
+
+    Why: a fixed body mass split over n atoms gives each a share ∝ 1/n, as if all n changes
+    added up coherently at the output. The terms of a plain residual sum are independent, so
+    they add like √n, and each atom's step may shrink only like 1/√n. Without this a 16-layer
+    Llama trained best at 4× the lr of a 2-layer one; with it (and the body's decay) its best
+    lr is the same at 2, 4, 8 and 16 layers, and deep models gain (docs/concepts.md §5)."""
+    if n_ref is None:
+        return
+    s1 = sum(a.mass for a in body)
+    s2 = sum(a.mass * a.mass for a in body)
+    if s1 <= 0 or s2 <= 0:
+        return
+    n_eff = s1 * s1 / s2
+    factor = math.sqrt(n_eff / n_ref)
+    for a in body:
+        a.budget_scale = factor
+    diag.notes.append(f"residual body read in quadrature: n_eff = {n_eff:.3g} atoms against "
+                      f"body_reference {n_ref:g}, so its budgets × {factor:.3g}")
+
+
+def _decay_body(body: list[Atom], atoms: dict[str, Atom],
+                uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]], scales: Scales,
+                diag: Diagnostics) -> None:
+    """Mark the body's matrices, and the matrices that read the residual stream itself, for
+    `BODY_DECAY`.
+
+    Why: fixed-norm steps let a matrix grow without bound (a 4-layer ViT's q/k reached 3.5×
+    the norms Muon's did, and it trained worse). Outside the body only a matrix whose input
+    is the unnormalised stream decays (a ResNet's classifier after pooling: its logits grow
+    with the stream, and it overfit in cross-entropy); a head that reads a normalisation's
+    output (ViT, Llama) does not: decaying it shrinks the logits themselves and cost train
+    loss. Embeddings, gains and biases never do (docs/concepts.md §5, rule 6)."""
+    inside = {a.name for a in body}
+    marked = [a for a in body if is_orthogonalized(a.kind)]
+    readers = []
+    for name, specs in uses.items():
+        atom = atoms.get(name)
+        if atom is None or name in inside or not is_orthogonalized(atom.kind):
+            continue
+        gains = [atom_gain(u, atom.kind, scales) for _, _, u in specs if u is not None]
+        if gains and max(gains) > STREAM_INPUT_SCALE:
+            readers.append(atom)
+    for a in marked + readers:
+        a.decay = BODY_DECAY
+    if marked or readers:
+        also = f" and {', '.join(a.name for a in readers)} (reading the unnormalised stream)" if readers else ""
+        diag.notes.append(f"residual body: its {len(marked)} matrices{also} get weight decay {BODY_DECAY:g} "
+                          "with compile(weight_decay=\"auto\")")
+
+
 def _weigh_position_tables(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
                            live: set[fx.Node], diag: Diagnostics) -> None:
     """A table read only at indices that carry no signal (positions `arange(T)`, a constant
@@ -179,9 +269,9 @@ def _fixed_rows(use: Use, live: set[fx.Node]) -> bool:
 
 
 def _weigh_body(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
-                cap: Captured, scales: Scales, total: float, diag: Diagnostics) -> bool:
-    """Give the atoms used inside residual branches `total` mass between them; False if
-    the network has no plain residual joins (nothing changed)."""
+                cap: Captured, scales: Scales, total: float, diag: Diagnostics) -> list[Atom]:
+    """Give the atoms used inside residual branches `total` mass between them and return
+    them; [] if the network has no plain residual joins (nothing changed)."""
     def plain_sum(node: fx.Node) -> bool:
         return ops.op_name(node, cap.modules) in SUMS and not any(
             scales.scaled_explicitly(i) for _, i in ops.tensor_inputs(node) if i in scales.live)
@@ -192,12 +282,12 @@ def _weigh_body(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.
               if n in atoms and any(node in body for _, node, _ in specs)]
     own = sum(a.mass for a in inside)
     if not inside or own <= 0:
-        return False
+        return []
     for a in inside:
         a.mass = total * a.mass / own
     diag.notes.append(f"residual body: {len(inside)} atoms inside residual branches share mass {total:g} "
                       f"(body_mass; one unit per atom would give them {own:g})")
-    return True
+    return inside
 
 
 def _refuse_unsupported(trainable: Mapping[str, torch.Tensor]) -> None:
@@ -567,7 +657,7 @@ def _budgets(atoms: dict[str, Atom]) -> None:
     if total <= 0:
         raise ValueError("the total mass is 0: at least one atom needs a positive mass")
     for a in atoms.values():
-        a.budget = budget_of(a.mass, total, a.downstream)
+        a.budget = budget_of(a.mass, total, a.downstream, a.budget_scale)
 
 
 #: Largest/smallest budget among matrix and embedding atoms above which analysis warns. At a

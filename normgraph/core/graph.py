@@ -20,12 +20,13 @@ from .kinds import kind_of
 WRITERS: dict[str, Callable[..., Path]] = {}
 
 
-def budget_of(mass: float, total_mass: float, downstream: float) -> float:
+def budget_of(mass: float, total_mass: float, downstream: float, scale: float = 1.0) -> float:
     """An atom's share of the update's norm: its mass share over what amplifies it downstream
-    (modula's target_norm at T=1). The one place this formula lives."""
+    (modula's target_norm at T=1), times `scale` (1 but for a residual body's atoms, whose
+    shares are read in quadrature: `Atom.budget_scale`). The one place this formula lives."""
     if total_mass <= 0 or downstream <= 0:
         return 0.0
-    return mass / total_mass / downstream
+    return mass / total_mass / downstream * scale
 
 
 @dataclass
@@ -48,6 +49,12 @@ class Atom:
     sensitivity: float = 1.0
     downstream: float = 1.0
     budget: float = 0.0
+    #: Factor on the budget: √(n_eff / n_ref) for the atoms of a plain residual body (their
+    #: changes add in quadrature; `normgraph.analysis.analyze`), else 1.
+    budget_scale: float = 1.0
+    #: Decoupled weight decay `compile(weight_decay="auto")` gives this atom: `BODY_DECAY`
+    #: for the matrices of a plain residual body, else 0.
+    decay: float = 0.0
     dual: str = ""
     fan_in: int | None = None
     fan_out: int | None = None
@@ -106,12 +113,15 @@ class NormGraph:
         return sum(a.mass for a in self.atoms.values())
 
     def table(self) -> str:
-        """The per-parameter table (parameter, kind, shape, norm, mass, downstream, budget)."""
-        head = ("parameter", "kind", "shape", "norm", "mass", "downstream", "budget")
+        """The per-parameter table (parameter, kind, shape, norm, mass, downstream, budget, and
+        decay where the analysis gave some atom one)."""
+        decays = any(a.decay for a in self.atoms.values())  # the column only where some atom decays
+        head = ("parameter", "kind", "shape", "norm", "mass", "downstream", "budget") + (("decay",) if decays else ())
         rows = [head]
         for a in self.atoms.values():
             rows.append((a.name, a.kind, "×".join(map(str, a.shape)), a.norm,
-                         f"{a.mass:.4g}", f"{a.downstream:.4g}", f"{a.budget:.4g}"))
+                         f"{a.mass:.4g}", f"{a.downstream:.4g}", f"{a.budget:.4g}")
+                        + ((f"{a.decay:g}",) if decays else ()))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines = [fmt.format(*rows[0]), "  ".join("-" * w for w in widths)]

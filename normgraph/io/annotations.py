@@ -33,7 +33,7 @@ class AnnotationError(ValueError):
 # ---------------------------------------------------------------- budgets
 
 def recompute_budgets(ng: NormGraph, stored_total: float | None = None, where: str = "") -> None:
-    """Set every budget to ``mass / total_mass / downstream`` (masses, downstream authoritative).
+    """Set every budget to ``mass / total_mass / downstream × budget_scale`` (those authoritative).
 
     A stored budget within 1e-9 (relative) of that value is kept bit-for-bit, so an
     unedited file round-trips exactly. If budgets disagree while the masses still add up to
@@ -45,13 +45,13 @@ def recompute_budgets(ng: NormGraph, stored_total: float | None = None, where: s
                               "parameter needs a positive mass")
     changed = []
     for atom in ng.atoms.values():
-        want = budget_of(atom.mass, total, atom.downstream)
+        want = budget_of(atom.mass, total, atom.downstream, atom.budget_scale)
         if not math.isclose(atom.budget, want, rel_tol=_REL_TOL, abs_tol=0.0):
             changed.append(atom.name)
             atom.budget = want
     masses_unedited = stored_total is not None and math.isclose(stored_total, total, rel_tol=_REL_TOL)
     if changed and masses_unedited:
-        warnings.warn(f"{where}budget is derived from mass (budget = mass / total_mass / downstream); "
+        warnings.warn(f"{where}budget is derived from mass (budget = mass / total_mass / downstream × budget_scale); "
                       f"recomputed the edited budget of {', '.join(changed[:5])}"
                       f"{' …' if len(changed) > 5 else ''}: edit `mass` instead", stacklevel=3)
     for atom in ng.atoms.values():  # keep the graph's atom nodes in step (draw, to_dot)
@@ -213,6 +213,8 @@ ATOM_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sensitivity": (_is_finite, "a number, finite"),
     "downstream": (lambda v: _is_finite(v) and v > 0, "a positive number, finite (budget = mass / total_mass / downstream)"),
     "budget": (_is_finite, "a number, finite"),
+    "budget_scale": (lambda v: _is_finite(v) and v > 0, "a positive number, finite (budget = mass / total_mass / downstream × budget_scale)"),
+    "decay": (_is_nonneg, "a non-negative number, finite (the weight decay compile(weight_decay='auto') gives it)"),
     "dual": (lambda v: isinstance(v, str) and v != "", "a duality-map name such as 'orthogonalize'"),
     "fan_in": (_is_opt_int, "an integer or null"),
     "fan_out": (_is_opt_int, "an integer or null"),

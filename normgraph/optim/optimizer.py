@@ -1,7 +1,9 @@
 """The optimizer around the generated duality map.
 
 One step: EMA momentum (optionally Nesterov) → the generated duality map (every atom's
-update has norm `budget` in its own norm) → W ← W·(1 − lr·wd) − lr·update.
+update has norm `budget` in its own norm) → W ← W·(1 − lr·wd) − lr·update, where wd is
+each atom's own `decay` (`weight_decay="auto"`, the default: the analysis gives a residual
+body's matrices `BODY_DECAY` and every other atom 0) or one number for every atom.
 
 Parameter groups: one group per parameter, in atom order, each carrying the parameter's
 `name`, so the modular-norm budget (baked into the map) and the step size (the group's
@@ -44,23 +46,32 @@ class NormGraphOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]], norm_graph: NormGraph, *,
-                 lr: float = 0.25, momentum: float = 0.95, nesterov: bool = True, weight_decay: float = 0.0,
+                 lr: float = 0.25, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float | str = "auto",
                  map_options: MapOptions | None = None, shard_map: bool = False,
                  process_group: Any = None, **options: Any) -> None:
+        auto = isinstance(weight_decay, str)
+        if auto and weight_decay != "auto":
+            raise ValueError(f"weight_decay={weight_decay!r}: expected 'auto' (each atom's own `decay`, "
+                             "from the analysis) or a number for every parameter")
         if not (math.isfinite(lr) and lr >= 0 and 0 <= momentum < 1
-                and math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"need a finite lr >= 0, 0 <= momentum < 1, a finite weight_decay >= 0; "
+                and (auto or (math.isfinite(weight_decay) and weight_decay >= 0))):
+            raise ValueError(f"need a finite lr >= 0, 0 <= momentum < 1, a finite weight_decay >= 0 or 'auto'; "
                              f"got lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
+        self._auto_decay = auto
         map_opts = options_from(map_options, options)  # validates every option now, not at the first step
         if isinstance(params, torch.nn.Module):
             params = unwrap_data_parallel(params)  # names as the analysis sees them (no "module.")
         named = dict(params.named_parameters() if isinstance(params, torch.nn.Module) else params)
         self.norm_graph = norm_graph
         groups = [{"params": [p], "name": name} for name, p in _trainable(named, norm_graph)]
+        if auto:
+            for g in groups:
+                g["weight_decay"] = float(norm_graph.atoms[g["name"]].decay)
         if not groups:
             raise ValueError("no trainable parameter of the model has an atom in the norm graph; "
                              "re-run normgraph.analyze(model) on this model")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0 if auto else weight_decay,
                         map_options=map_opts.to_dict())
         super().__init__(groups, defaults)
         self.last_step_skipped = False
@@ -107,6 +118,8 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         params = param_group["params"]
         tensors = [params] if isinstance(params, torch.Tensor) else list(params)
         atom = self.norm_graph.atoms[name]
+        if getattr(self, "_auto_decay", False) and "weight_decay" not in param_group:
+            param_group = {**param_group, "weight_decay": float(atom.decay)}
         if len(tensors) != 1 or tuple(tensors[0].shape) != tuple(atom.shape):
             shapes = [tuple(t.shape) for t in tensors]
             raise ValueError(f"param group {name!r} must hold exactly the one tensor of that atom, of shape "
