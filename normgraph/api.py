@@ -44,8 +44,9 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
     `normgraph.analyze` (e.g. ``conv_mode="flatten"``), and so does `sensitivity`.
 
     `weight_decay="auto"` (default) gives each parameter the decoupled decay its atom carries
-    (`Atom.decay`: `BODY_DECAY` = 0.05 for the matrices of a plain residual body, 0 for
-    everything else and for networks without one); a number gives every parameter that decay
+    (`Atom.decay`: `BODY_DECAY` = 0.05 for the matrices inside residual branches, plain or
+    explicitly weighted, and for a matrix that reads the unnormalised stream; 0 for everything
+    else, and for every parameter of a network without residuals); a number gives every parameter that decay
     (0.0 turns it off). Either way one parameter's can be changed later with
     ``opt.group(name)["weight_decay"] = ...``.
 

@@ -416,7 +416,7 @@ def test_table_graph_and_dot():
     text = str(ng)
     summary, blank, header = text.splitlines()[:3]
     assert summary.startswith("6 atoms (linear 6); budgets ") and "0 op(s) with assumed" in summary
-    assert header.split() == ["parameter", "kind", "shape", "norm", "mass", "downstream", "budget"]
+    assert header.split() == ["parameter", "kind", "shape", "norm", "mass", "downstream", "budget", "decay"]
     assert "front end: torch.export" in text
     g = ng.graph
     assert g.nodes["f1.0.weight"]["type"] == "atom"

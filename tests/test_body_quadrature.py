@@ -50,18 +50,23 @@ def test_body_reference_is_a_choice_and_is_validated():
             normgraph.analyze(PreNorm(1), IDS, body_reference=bad)
 
 
-def test_only_the_body_matrices_are_marked_for_decay_and_designed_residuals_have_none():
+def test_matrices_inside_residual_branches_are_marked_for_decay_and_nothing_else():
     ng = normgraph.analyze(PreNorm(3), IDS)
     for name, a in ng.atoms.items():
         want = BODY_DECAY if name.startswith(("w1.", "w2.")) else 0.0  # not the gains, the table, the head
         assert a.decay == want, name
     assert "decay" in ng.table().splitlines()[0]
-    # modula's convex residuals and the modula mode: no body, so no quadrature and no decay
-    for convex in (normgraph.analyze(ResidualMLP(3), (torch.randn(4, 8),)),
-                   normgraph.analyze(PreNorm(3), IDS, sensitivity="modula")):
-        assert {a.decay for a in convex.atoms.values()} == {0.0}
-        assert {a.budget_scale for a in convex.atoms.values()} == {1.0}
-        assert "decay" not in convex.table().splitlines()[0]
+    # modula's convex residuals: designed masses (no body, no quadrature), but the matrices
+    # inside the weighted branches still decay; the stream they sum keeps scale 1, so `out` does not
+    convex = normgraph.analyze(ResidualMLP(3), (torch.randn(4, 8),))
+    assert {a.budget_scale for a in convex.atoms.values()} == {1.0}
+    for name, a in convex.atoms.items():
+        assert a.decay == (BODY_DECAY if name.startswith(("f1.", "f2.")) else 0.0), name
+    # the modula mode keeps modula exactly: nothing decays
+    modula = normgraph.analyze(PreNorm(3), IDS, sensitivity="modula")
+    assert {a.decay for a in modula.atoms.values()} == {0.0}
+    assert {a.budget_scale for a in modula.atoms.values()} == {1.0}
+    assert "decay" not in modula.table().splitlines()[0]
 
 
 def _step(model: torch.nn.Module, weight_decay, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,8 +7,8 @@ The pass is four plain functions over the captured graph:
 2. `classify`: each trainable parameter's uses (after pure data movement) and the atom rule
    of each consuming op;
 3. masses: default masses per kind; in "hybrid" mode the residual body (`residual`) shares
-   `BODY_MASS` (`_weigh_body`), its budgets are read in quadrature (`_read_body_in_quadrature`)
-   and its matrices marked for `BODY_DECAY`; then the user's `masses` prefixes (`apply_masses`,
+   `BODY_MASS` (`_weigh_body`) and its budgets are read in quadrature (`_read_body_in_quadrature`);
+   the matrices inside any residual branches are marked for `BODY_DECAY` (`_decay_body`); then the user's `masses` prefixes (`apply_masses`,
    modula's tare);
 4. budgets: budget = mass / total_mass / D(output of the atom's op) × budget_scale, modula's
    target_norm at T=1 (budget_scale is 1 outside a residual body).
@@ -48,7 +48,8 @@ POSITION_TABLE_MASS = 0.01
 #: per block), the depth at which `BODY_MASS` was chosen, so 4-layer models keep their budgets
 #: (`_read_body_in_quadrature`; measured across depth in docs/concepts.md §5).
 BODY_REFERENCE_ATOMS = 28.0
-#: Decoupled weight decay that `compile(weight_decay="auto")` gives a residual body's matrices
+#: Decoupled weight decay that `compile(weight_decay="auto")` gives the matrices inside residual
+#: branches (plain or explicitly weighted)
 #: (W ← W·(1 − lr·decay) − lr·update): with steps of fixed norm their norms otherwise grow
 #: without bound; with it a matrix settles at ≤ budget/decay in its own norm (docs/concepts.md §5).
 BODY_DECAY = 0.05
@@ -98,8 +99,9 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             by √(n_eff / n_ref), n_eff = (Σm)²/Σm² over the body, so that per-atom steps
             shrink like 1/√depth instead of 1/depth (independent changes of a plain sum add
             like √n). "auto": n_ref = `BODY_REFERENCE_ATOMS` whenever the body is weighed;
-            None: off; a number: that n_ref. Weighing the body also marks its matrices for
-            `BODY_DECAY` (`Atom.decay`, used by `compile(weight_decay="auto")`).
+            None: off; a number: that n_ref. With `body_mass` on, the matrices inside any
+            residual branches (explicitly weighted ones too) are also marked for `BODY_DECAY`
+            (`Atom.decay`, used by `compile(weight_decay="auto")`).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"normgraph.analyze expects a torch.nn.Module, got {type(model).__name__}")
@@ -153,7 +155,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         if body:
             _weigh_position_tables(atoms, uses, scales.live, diag)
             _read_body_in_quadrature(body, body_reference, diag)
-            _decay_body(body, atoms, uses, scales, diag)
+        if body_mass is not None and scales:  # any residual, weighted ones too (modula's convex)
+            _decay_body(_branch_atoms(atoms, uses, cap, scales, plain_only=False), atoms, uses, scales, diag)
         graph = _to_networkx(cap, D, uses, scales)
     _check_kinds(kinds or {}, trainable)
     apply_masses(atoms, masses or {})
@@ -217,8 +220,8 @@ def _read_body_in_quadrature(body: list[Atom], n_ref: float | None, diag: Diagno
 def _decay_body(body: list[Atom], atoms: dict[str, Atom],
                 uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]], scales: Scales,
                 diag: Diagnostics) -> None:
-    """Mark the body's matrices, and the matrices that read the residual stream itself, for
-    `BODY_DECAY`.
+    """Mark the matrices inside residual branches (`body`: of any residual, weighted or plain),
+    and the matrices that read the residual stream itself, for `BODY_DECAY`.
 
     Why: fixed-norm steps let a matrix grow without bound (a 4-layer ViT's q/k reached 3.5×
     the norms Muon's did, and it trained worse). Outside the body only a matrix whose input
@@ -240,7 +243,7 @@ def _decay_body(body: list[Atom], atoms: dict[str, Atom],
         a.decay = BODY_DECAY
     if marked or readers:
         also = f" and {', '.join(a.name for a in readers)} (reading the unnormalised stream)" if readers else ""
-        diag.notes.append(f"residual body: its {len(marked)} matrices{also} get weight decay {BODY_DECAY:g} "
+        diag.notes.append(f"residual branches: their {len(marked)} matrices{also} get weight decay {BODY_DECAY:g} "
                           "with compile(weight_decay=\"auto\")")
 
 
@@ -272,14 +275,7 @@ def _weigh_body(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.
                 cap: Captured, scales: Scales, total: float, diag: Diagnostics) -> list[Atom]:
     """Give the atoms used inside residual branches `total` mass between them and return
     them; [] if the network has no plain residual joins (nothing changed)."""
-    def plain_sum(node: fx.Node) -> bool:
-        return ops.op_name(node, cap.modules) in SUMS and not any(
-            scales.scaled_explicitly(i) for _, i in ops.tensor_inputs(node) if i in scales.live)
-
-    body = residual_body(cap.graph, scales.live, plain_sum,
-                         lambda n: n not in scales.weights and not is_integer(n))
-    inside = [atoms[n] for n, specs in uses.items()
-              if n in atoms and any(node in body for _, node, _ in specs)]
+    inside = _branch_atoms(atoms, uses, cap, scales, plain_only=True)
     own = sum(a.mass for a in inside)
     if not inside or own <= 0:
         return []
@@ -288,6 +284,21 @@ def _weigh_body(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.
     diag.notes.append(f"residual body: {len(inside)} atoms inside residual branches share mass {total:g} "
                       f"(body_mass; one unit per atom would give them {own:g})")
     return inside
+
+
+def _branch_atoms(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
+                  cap: Captured, scales: Scales, plain_only: bool) -> list[Atom]:
+    """The atoms used inside residual branches: of plain joins only (`x + f(x)`, the body that
+    shares `BODY_MASS`), or of any sum, explicitly weighted ones included (modula's
+    `(1 − 1/L)·x + f(x)/L`, whose masses are designed but whose matrices still grow)."""
+    def join(node: fx.Node) -> bool:
+        if ops.op_name(node, cap.modules) not in SUMS:
+            return False
+        return not plain_only or not any(
+            scales.scaled_explicitly(i) for _, i in ops.tensor_inputs(node) if i in scales.live)
+
+    body = residual_body(cap.graph, scales.live, join, lambda n: n not in scales.weights and not is_integer(n))
+    return [atoms[n] for n, specs in uses.items() if n in atoms and any(node in body for _, node, _ in specs)]
 
 
 def _refuse_unsupported(trainable: Mapping[str, torch.Tensor]) -> None:

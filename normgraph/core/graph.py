@@ -53,7 +53,7 @@ class Atom:
     #: changes add in quadrature; `normgraph.analysis.analyze`), else 1.
     budget_scale: float = 1.0
     #: Decoupled weight decay `compile(weight_decay="auto")` gives this atom: `BODY_DECAY`
-    #: for the matrices of a plain residual body, else 0.
+    #: for the matrices inside residual branches (and one reading the unnormalised stream), else 0.
     decay: float = 0.0
     dual: str = ""
     fan_in: int | None = None

@@ -2,8 +2,8 @@
 
 One step: EMA momentum (optionally Nesterov) → the generated duality map (every atom's
 update has norm `budget` in its own norm) → W ← W·(1 − lr·wd) − lr·update, where wd is
-each atom's own `decay` (`weight_decay="auto"`, the default: the analysis gives a residual
-body's matrices `BODY_DECAY` and every other atom 0) or one number for every atom.
+each atom's own `decay` (`weight_decay="auto"`, the default: the analysis gives the matrices
+inside residual branches `BODY_DECAY` and every other atom 0) or one number for every atom.
 
 Parameter groups: one group per parameter, in atom order, each carrying the parameter's
 `name`, so the modular-norm budget (baked into the map) and the step size (the group's
