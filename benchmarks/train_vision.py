@@ -90,7 +90,8 @@ def run(args: argparse.Namespace, kind: str, lr: float, data, seed: int) -> tupl
     gen = torch.Generator().manual_seed(seed)
     if kind == "normgraph":
         import normgraph
-        opt = normgraph.compile(model, (xtr[:4],), lr=lr, compile_mode="eager", sensitivity=args.sensitivity)
+        opt = normgraph.compile(model, (xtr[:4],), lr=lr, compile_mode="eager", sensitivity=args.sensitivity,
+                                body_decay=args.body_decay)
     elif kind == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     else:
@@ -132,6 +133,9 @@ def main() -> None:
                         "vary by up to 0.2 between seeds: compare means of 3 or more)")
     p.add_argument("--adam-lr", type=float, default=0.003)
     p.add_argument("--sensitivity", default="hybrid")
+    p.add_argument("--body-decay", default="auto",
+                   type=lambda v: v if v == "auto" else float(v),
+                   help="normgraph's weight decay for the matrices inside residual branches (analyze's body_decay)")
     p.add_argument("--runs", nargs="+", required=True, help="optimizer:lr1,lr2 (normgraph, adamw, muon)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")

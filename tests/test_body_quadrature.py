@@ -147,3 +147,15 @@ def test_a_head_that_reads_the_unnormalised_stream_decays_one_after_a_norm_does_
     assert any("unnormalised stream" in n for n in bare.diagnostics.notes)
     normed = normgraph.analyze(PreNorm(2), IDS)
     assert normed.atoms["head.weight"].decay == 0.0
+
+
+def test_body_decay_sets_the_marked_decay_and_is_validated():
+    ng = normgraph.analyze(PreNorm(2), IDS, body_decay=0.1)
+    assert {n: a.decay for n, a in ng.atoms.items() if a.decay} == {
+        n: 0.1 for n in ng.atoms if n.startswith(("w1.", "w2."))}
+    assert {a.decay for a in normgraph.analyze(PreNorm(2), IDS, body_decay=0).atoms.values()} == {0.0}
+    opt = normgraph.compile(PreNorm(2), IDS, body_decay=0.1, compile_mode="eager")  # reaches analyze
+    assert opt.group("w2.1.weight")["weight_decay"] == 0.1 and opt.group("head.weight")["weight_decay"] == 0.0
+    for bad in (-0.1, float("inf"), "more"):
+        with pytest.raises(ValueError, match="body_decay"):
+            normgraph.analyze(PreNorm(1), IDS, body_decay=bad)

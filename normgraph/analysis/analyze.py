@@ -67,7 +67,7 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             kinds: Mapping[str, str] | None = None, frontend: str = "auto",
             conv_mode: str = "positional", split_packed: bool = True,
             sensitivity: str = DEFAULT_SENSITIVITY, body_mass: float | str | None = "auto",
-            body_reference: float | str | None = "auto") -> NormGraph:
+            body_reference: float | str | None = "auto", body_decay: float | str = "auto") -> NormGraph:
     """Infer every trainable parameter's operator norm, mass, sensitivity and budget.
 
     Args:
@@ -102,6 +102,10 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             None: off; a number: that n_ref. With `body_mass` on, the matrices inside any
             residual branches (explicitly weighted ones too) are also marked for `BODY_DECAY`
             (`Atom.decay`, used by `compile(weight_decay="auto")`).
+        body_decay: that decay. "auto": `BODY_DECAY` (0.05); a number >= 0 (0 marks nothing).
+            Small datasets seen for many epochs want more (a 4-layer ViT on digits tied
+            Muon+AdamW's test loss at 0.1), language models that see fresh data less
+            (docs/concepts.md §5, rule 6).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"normgraph.analyze expects a torch.nn.Module, got {type(model).__name__}")
@@ -109,6 +113,7 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         raise ValueError(f"sensitivity={sensitivity!r}: expected one of {SENSITIVITY_MODES}")
     body_mass = _body_mass(body_mass, sensitivity)
     body_reference = _body_reference(body_reference)
+    body_decay = _body_decay(body_decay)
     if conv_mode not in ("positional", "flatten"):
         raise ValueError(f"conv_mode={conv_mode!r}: expected 'positional' or 'flatten'")
     _refuse_unsupported({n: p for n, p in model.named_parameters() if p.requires_grad and p.numel() > 0})
@@ -156,7 +161,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             _weigh_position_tables(atoms, uses, scales.live, diag)
             _read_body_in_quadrature(body, body_reference, diag)
         if body_mass is not None and scales:  # any residual, weighted ones too (modula's convex)
-            _decay_body(_branch_atoms(atoms, uses, cap, scales, plain_only=False), atoms, uses, scales, diag)
+            _decay_body(_branch_atoms(atoms, uses, cap, scales, plain_only=False), atoms, uses, scales,
+                        body_decay, diag)
         graph = _to_networkx(cap, D, uses, scales)
     _check_kinds(kinds or {}, trainable)
     apply_masses(atoms, masses or {})
@@ -195,6 +201,15 @@ def _body_reference(value: float | str | None) -> float | None:
     return float(value)
 
 
+def _body_decay(value: float | str) -> float:
+    if value == "auto":
+        return BODY_DECAY
+    if isinstance(value, str) or not (math.isfinite(float(value)) and float(value) >= 0):
+        raise ValueError(f"body_decay={value!r}: expected 'auto' or a finite number >= 0 (the weight "
+                         "decay compile(weight_decay='auto') gives the matrices inside residual branches)")
+    return float(value)
+
+
 def _read_body_in_quadrature(body: list[Atom], n_ref: float | None, diag: Diagnostics) -> None:
     """Scale the body atoms' budgets by √(n_eff / n_ref), n_eff = (Σm)²/Σm².
 
@@ -219,9 +234,9 @@ def _read_body_in_quadrature(body: list[Atom], n_ref: float | None, diag: Diagno
 
 def _decay_body(body: list[Atom], atoms: dict[str, Atom],
                 uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]], scales: Scales,
-                diag: Diagnostics) -> None:
+                decay: float, diag: Diagnostics) -> None:
     """Mark the matrices inside residual branches (`body`: of any residual, weighted or plain),
-    and the matrices that read the residual stream itself, for `BODY_DECAY`.
+    and the matrices that read the residual stream itself, for weight decay `decay`.
 
     Why: fixed-norm steps let a matrix grow without bound (a 4-layer ViT's q/k reached 3.5×
     the norms Muon's did, and it trained worse). Outside the body only a matrix whose input
@@ -239,11 +254,13 @@ def _decay_body(body: list[Atom], atoms: dict[str, Atom],
         gains = [atom_gain(u, atom.kind, scales) for _, _, u in specs if u is not None]
         if gains and max(gains) > STREAM_INPUT_SCALE:
             readers.append(atom)
+    if decay <= 0:
+        return
     for a in marked + readers:
-        a.decay = BODY_DECAY
+        a.decay = decay
     if marked or readers:
         also = f" and {', '.join(a.name for a in readers)} (reading the unnormalised stream)" if readers else ""
-        diag.notes.append(f"residual branches: their {len(marked)} matrices{also} get weight decay {BODY_DECAY:g} "
+        diag.notes.append(f"residual branches: their {len(marked)} matrices{also} get weight decay {decay:g} "
                           "with compile(weight_decay=\"auto\")")
 
 
