@@ -7,9 +7,9 @@ The pass is four plain functions over the captured graph:
 2. `classify`: each trainable parameter's uses (after pure data movement) and the atom rule
    of each consuming op;
 3. masses: default masses per kind; in "hybrid" mode the residual body (`residual`) shares
-   `BODY_MASS` (`_weigh_body`) and its budgets are read in quadrature (`_read_body_in_quadrature`);
-   the matrices inside any residual branches are marked for `BODY_DECAY` (`_decay_body`); then the user's `masses` prefixes (`apply_masses`,
-   modula's tare);
+   `BODY_MASS` (`_weigh_body`) and its budgets are read in quadrature
+   (`_read_body_in_quadrature`); the matrices inside any residual branches are marked for
+   `BODY_DECAY` (`_decay_body`); then the user's `masses` prefixes (`apply_masses`, modula's tare);
 4. budgets: budget = mass / total_mass / D(output of the atom's op) × budget_scale, modula's
    target_norm at T=1 (budget_scale is 1 outside a residual body).
 """
@@ -49,9 +49,9 @@ POSITION_TABLE_MASS = 0.01
 #: (`_read_body_in_quadrature`; measured across depth in docs/concepts.md §5).
 BODY_REFERENCE_ATOMS = 28.0
 #: Decoupled weight decay that `compile(weight_decay="auto")` gives the matrices inside residual
-#: branches (plain or explicitly weighted)
-#: (W ← W·(1 − lr·decay) − lr·update): with steps of fixed norm their norms otherwise grow
-#: without bound; with it a matrix settles at ≤ budget/decay in its own norm (docs/concepts.md §5).
+#: branches, plain or explicitly weighted (W ← W·(1 − lr·decay) − lr·update): with steps of
+#: fixed norm their norms otherwise grow without bound; with it a matrix settles at
+#: ≤ budget/decay in its own norm (docs/concepts.md §5, rule 6).
 BODY_DECAY = 0.05
 #: Input scale above which a matrix outside the body reads an unnormalised residual stream
 #: (and decays too): a normalisation's output has scale 1 at initialisation, a stream after
@@ -244,6 +244,8 @@ def _decay_body(body: list[Atom], atoms: dict[str, Atom],
     with the stream, and it overfit in cross-entropy); a head that reads a normalisation's
     output (ViT, Llama) does not: decaying it shrinks the logits themselves and cost train
     loss. Embeddings, gains and biases never do (docs/concepts.md §5, rule 6)."""
+    if decay <= 0:
+        return
     inside = {a.name for a in body}
     marked = [a for a in body if is_orthogonalized(a.kind)]
     readers = []
@@ -254,8 +256,6 @@ def _decay_body(body: list[Atom], atoms: dict[str, Atom],
         gains = [atom_gain(u, atom.kind, scales) for _, _, u in specs if u is not None]
         if gains and max(gains) > STREAM_INPUT_SCALE:
             readers.append(atom)
-    if decay <= 0:
-        return
     for a in marked + readers:
         a.decay = decay
     if marked or readers:
