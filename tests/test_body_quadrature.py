@@ -124,6 +124,10 @@ def test_annotations_keep_scale_and_decay_and_older_files_load_without_them():
     doc["atoms"][0]["decay"] = -1
     with pytest.raises(normgraph.io.annotations.AnnotationError, match="decay"):
         loads(json.dumps(doc))
+    doc["atoms"][0]["decay"] = 0.0
+    doc["atoms"][0]["budget_scale"] = 0
+    with pytest.raises(normgraph.io.annotations.AnnotationError, match="budget_scale"):
+        loads(json.dumps(doc))
 
 
 class NoFinalNorm(PreNorm):
