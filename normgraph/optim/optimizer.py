@@ -58,16 +58,13 @@ class NormGraphOptimizer(torch.optim.Optimizer):
                 and (auto or (math.isfinite(weight_decay) and weight_decay >= 0))):
             raise ValueError(f"need a finite lr >= 0, 0 <= momentum < 1, a finite weight_decay >= 0 or 'auto'; "
                              f"got lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
-        self._auto_decay = auto
+        self._auto_decay = auto  # `add_param_group` (also run by Optimizer.__init__) reads it
         map_opts = options_from(map_options, options)  # validates every option now, not at the first step
         if isinstance(params, torch.nn.Module):
             params = unwrap_data_parallel(params)  # names as the analysis sees them (no "module.")
         named = dict(params.named_parameters() if isinstance(params, torch.nn.Module) else params)
         self.norm_graph = norm_graph
         groups = [{"params": [p], "name": name} for name, p in _trainable(named, norm_graph)]
-        if auto:
-            for g in groups:
-                g["weight_decay"] = float(norm_graph.atoms[g["name"]].decay)
         if not groups:
             raise ValueError("no trainable parameter of the model has an atom in the norm graph; "
                              "re-run normgraph.analyze(model) on this model")
@@ -118,7 +115,7 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         params = param_group["params"]
         tensors = [params] if isinstance(params, torch.Tensor) else list(params)
         atom = self.norm_graph.atoms[name]
-        if getattr(self, "_auto_decay", False) and "weight_decay" not in param_group:
+        if self._auto_decay and "weight_decay" not in param_group:
             param_group = {**param_group, "weight_decay": float(atom.decay)}
         if len(tensors) != 1 or tuple(tensors[0].shape) != tuple(atom.shape):
             shapes = [tuple(t.shape) for t in tensors]
