@@ -61,12 +61,13 @@ def loss_of(model: torch.nn.Module, name: str, x: torch.Tensor, y: torch.Tensor,
 
 
 def make_opt(kind: str, model: torch.nn.Module, lr: float | None, example: torch.Tensor, adam_lr: float,
-             mode: str, masses: dict[str, float] | None = None, kinds: dict[str, str] | None = None):
+             mode: str, masses: dict[str, float] | None = None, kinds: dict[str, str] | None = None,
+             body_profile: str = "flat"):
     if kind == "normgraph":
         import normgraph
         kw = {} if lr is None else {"lr": lr}
         return normgraph.compile(model, (example,), compile_mode="eager", sensitivity=mode, masses=masses,
-                                 kinds=kinds, **kw)
+                                 kinds=kinds, body_profile=body_profile, **kw)
     if kind == "adamw":
         return [torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)]
     if kind == "muon":
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace, kind: str, lr: float | None, corpus: Corpus) -
     example = next(corpus.batches(args.batch, args.block, seed=args.seed))[0][:2]
     masses = {k: float(v) for k, v in (item.split("=") for item in args.masses)} or None
     kinds = dict(item.split("=") for item in args.kinds) or None
-    opt = make_opt(kind, model, lr, example, args.adam_lr, args.sensitivity, masses, kinds)
+    opt = make_opt(kind, model, lr, example, args.adam_lr, args.sensitivity, masses, kinds, args.body_profile)
     opts = opt if isinstance(opt, list) else [opt]
     groups = [g for o in opts for g in o.param_groups]
     for g in groups:
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adam-lr", type=float, default=0.004, help="AdamW's lr for Muon's non-matrix params")
     p.add_argument("--sensitivity", default="hybrid", help="normgraph's sensitivity mode")
+    p.add_argument("--body-profile", default="flat", choices=("flat", "measured"),
+                   help="normgraph's budgets along the residual body (analyze's body_profile)")
     p.add_argument("--masses", nargs="*", default=[], metavar="PREFIX=MASS",
                    help="normgraph masses by module prefix, e.g. transformer.wte=0.25")
     p.add_argument("--kinds", nargs="*", default=[], metavar="PARAM=KIND",

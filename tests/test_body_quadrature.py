@@ -26,8 +26,8 @@ def _n_eff(L: int) -> float:
 
 @pytest.mark.parametrize("L", [1, 4, 16])
 def test_body_budgets_are_scaled_by_sqrt_of_n_eff_over_the_reference(L):
-    ng = normgraph.analyze(PreNorm(L), IDS)
-    plain = normgraph.analyze(PreNorm(L), IDS, body_reference=None)
+    ng = normgraph.analyze(PreNorm(L), IDS, body_profile="measured")  # rule 7 off: the quadrature alone
+    plain = normgraph.analyze(PreNorm(L), IDS, body_reference=None, body_profile="measured")
     factor = math.sqrt(_n_eff(L) / BODY_REFERENCE_ATOMS)
     total = sum(a.mass for a in ng.atoms.values())
     assert total == pytest.approx(BODY_MASS + 2.1)  # masses are untouched: only budgets scale
@@ -41,9 +41,9 @@ def test_body_budgets_are_scaled_by_sqrt_of_n_eff_over_the_reference(L):
 
 
 def test_body_reference_is_a_choice_and_is_validated():
-    ng = normgraph.analyze(PreNorm(2), IDS, body_reference=_n_eff(2))  # the reference size itself: × 1
+    ng = normgraph.analyze(PreNorm(2), IDS, body_reference=_n_eff(2), body_profile="measured")  # × 1
     assert ng.atoms["w1.0.weight"].budget_scale == pytest.approx(1.0)
-    ten = normgraph.analyze(PreNorm(2), IDS, body_reference=10)
+    ten = normgraph.analyze(PreNorm(2), IDS, body_reference=10, body_profile="measured")
     assert ten.atoms["w2.1.weight"].budget_scale == pytest.approx(math.sqrt(_n_eff(2) / 10))
     for bad in (0, -1, float("nan"), "big"):
         with pytest.raises(ValueError, match="body_reference"):

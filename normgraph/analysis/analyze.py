@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import networkx as nx
 import torch
@@ -29,7 +29,7 @@ from ..core.wrappers import WRAPPER_PREFIX, unwrap_data_parallel
 from . import ops
 from .rules import (ATOM_RULES, PARAM_FLOW,
                     AtomSpec, BondInput, Use, bond_sensitivity, module_entry)
-from .residual import residual_body
+from .residual import branch_outputs, residual_body
 from .scale import SUMS, Scales, atom_gain, is_integer, scaled_bond
 from .trace import Captured, capture
 from .wrappers import analysable
@@ -57,6 +57,8 @@ BODY_DECAY = 0.05
 #: (and decays too): a normalisation's output has scale 1 at initialisation, a stream after
 #: one plain join √2.
 STREAM_INPUT_SCALE = 1.2
+#: How the body's budgets vary with depth: "flat" (default) or "measured" (`_flatten_body`).
+BODY_PROFILES = ("flat", "measured")
 
 FALLBACK_NOTE = "fallback: RMS norm of the whole tensor, dual = normalise to RMS 1"
 
@@ -67,7 +69,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             kinds: Mapping[str, str] | None = None, frontend: str = "auto",
             conv_mode: str = "positional", split_packed: bool = True,
             sensitivity: str = DEFAULT_SENSITIVITY, body_mass: float | str | None = "auto",
-            body_reference: float | str | None = "auto", body_decay: float | str = "auto") -> NormGraph:
+            body_reference: float | str | None = "auto", body_decay: float | str = "auto",
+            body_profile: str = "flat") -> NormGraph:
     """Infer every trainable parameter's operator norm, mass, sensitivity and budget.
 
     Args:
@@ -106,6 +109,11 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             Small datasets seen for many epochs want more (a 4-layer ViT on digits tied
             Muon+AdamW's test loss at 0.1), language models that see fresh data less
             (docs/concepts.md §5, rule 6).
+        body_profile: "flat" (default): every residual branch's output counts the body's
+            common downstream (the harmonic mean over its branches), so budgets do not vary
+            with depth inside the body; "measured": each branch keeps the downstream read at
+            initialisation, where the first branches of a stream that starts small count
+            several times the last (docs/concepts.md §5, rule 7). Applies whenever the body is weighed.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"normgraph.analyze expects a torch.nn.Module, got {type(model).__name__}")
@@ -114,6 +122,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
     body_mass = _body_mass(body_mass, sensitivity)
     body_reference = _body_reference(body_reference)
     body_decay = _body_decay(body_decay)
+    if body_profile not in BODY_PROFILES:
+        raise ValueError(f"body_profile={body_profile!r}: expected one of {BODY_PROFILES}")
     if conv_mode not in ("positional", "flatten"):
         raise ValueError(f"conv_mode={conv_mode!r}: expected 'positional' or 'flatten'")
     _refuse_unsupported({n: p for n, p in model.named_parameters() if p.requires_grad and p.numel() > 0})
@@ -160,6 +170,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         if body:
             _weigh_position_tables(atoms, uses, scales.live, diag)
             _read_body_in_quadrature(body, body_reference, diag)
+            if body_profile == "flat":
+                _flatten_body(body, uses, cap, scales, D, diag)
         if body_mass is not None and scales:  # any residual, weighted ones too (modula's convex)
             _decay_body(_branch_atoms(atoms, uses, cap, scales, plain_only=False), atoms, uses, scales,
                         body_decay, diag)
@@ -230,6 +242,39 @@ def _read_body_in_quadrature(body: list[Atom], n_ref: float | None, diag: Diagno
         a.budget_scale = factor
     diag.notes.append(f"residual body read in quadrature: n_eff = {n_eff:.3g} atoms against "
                       f"body_reference {n_ref:g}, so its budgets × {factor:.3g}")
+
+
+def _flatten_body(body: list[Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
+                  cap: Captured, scales: Scales, D: dict[fx.Node, float], diag: Diagnostics) -> None:
+    """Give every residual branch's output the body's common downstream: each body atom's
+    budget is scaled by D(its branch's output) / D̄, D̄ the harmonic mean over the branches.
+
+    Why: the downstream is read at initialisation, when the stream is the embedding's output
+    (RMS ~0.02 in ViT and GPT-2) plus the branches so far, so the first branches make up most
+    of it and count several times the last (a 16-layer ViT: 0.85 against 0.18). In training
+    the embedding and the stream grow and that ratio does not last; with it the first
+    blocks' matrices took 1/14 of the last ones' steps and a 16-layer ViT trained to 0.104
+    against Muon+AdamW's 0.034, with a flat body 0.044 (docs/concepts.md §5, rule 7). The
+    ratios inside a branch (q, k and v against the output projection) stay as measured, and
+    the mean keeps the body's total step: Σ budgets over the branches is unchanged."""
+    outputs = branch_outputs(cap.graph, scales.live, _plain_join(cap, scales),
+                             lambda n: n not in scales.weights and not is_integer(n))
+    own: dict[str, fx.Node] = {}
+    for a in body:
+        terms = [outputs[node] for _, node, _ in uses.get(a.name, ()) if node in outputs]
+        if terms and D.get(terms[0], 0.0) > 0:
+            own[a.name] = terms[0]
+    terms = list(dict.fromkeys(own.values()))
+    if len(terms) < 2:
+        return
+    mean = len(terms) / sum(1.0 / D[t] for t in terms)
+    for a in body:
+        if a.name in own:
+            a.budget_scale *= D[own[a.name]] / mean
+    ds = [D[t] for t in terms]
+    diag.notes.append(f"residual body read depth-flat: its {len(terms)} branches' downstreams "
+                      f"{min(ds):.3g} … {max(ds):.3g} counted as their harmonic mean {mean:.3g} "
+                      "(body_profile=\"flat\")")
 
 
 def _decay_body(body: list[Atom], atoms: dict[str, Atom],
@@ -308,14 +353,22 @@ def _branch_atoms(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, f
     """The atoms used inside residual branches: of plain joins only (`x + f(x)`, the body that
     shares `BODY_MASS`), or of any sum, explicitly weighted ones included (modula's
     `(1 − 1/L)·x + f(x)/L`, whose masses are designed but whose matrices still grow)."""
-    def join(node: fx.Node) -> bool:
-        if ops.op_name(node, cap.modules) not in SUMS:
-            return False
-        return not plain_only or not any(
-            scales.scaled_explicitly(i) for _, i in ops.tensor_inputs(node) if i in scales.live)
-
+    join = _plain_join(cap, scales) if plain_only else _any_join(cap)
     body = residual_body(cap.graph, scales.live, join, lambda n: n not in scales.weights and not is_integer(n))
     return [atoms[n] for n, specs in uses.items() if n in atoms and any(node in body for _, node, _ in specs)]
+
+
+def _any_join(cap: Captured) -> Callable[[fx.Node], bool]:
+    """Sums of every kind, explicitly weighted ones included (modula's convex residuals)."""
+    return lambda node: ops.op_name(node, cap.modules) in SUMS
+
+
+def _plain_join(cap: Captured, scales: Scales) -> Callable[[fx.Node], bool]:
+    """Plain sums (`x + f(x)`): no term is explicitly weighted."""
+    def join(node: fx.Node) -> bool:
+        return ops.op_name(node, cap.modules) in SUMS and not any(
+            scales.scaled_explicitly(i) for _, i in ops.tensor_inputs(node) if i in scales.live)
+    return join
 
 
 def _refuse_unsupported(trainable: Mapping[str, torch.Tensor]) -> None:

@@ -28,13 +28,28 @@ def residual_body(graph: fx.Graph, live: set[fx.Node], is_join: Callable[[fx.Nod
     `is_join(node)` says which sums count as residual joins (the caller's sum rule);
     `signal(node)` which live nodes are activations (not weights, not integer indices).
     """
+    body, between = _walk(graph, live, is_join, signal)
+    return set(body) | between
+
+
+def branch_outputs(graph: fx.Graph, live: set[fx.Node], is_join: Callable[[fx.Node], bool],
+                   signal: Callable[[fx.Node], bool]) -> dict[fx.Node, fx.Node]:
+    """Each node inside a residual branch → the branch's output: the term of the first join
+    after it that the node feeds (`f(x)` in `x + f(x)`). Nodes between two joins (a
+    post-norm LayerNorm) are on the stream itself, in no branch, and are not keys."""
+    return _walk(graph, live, is_join, signal)[0]
+
+
+def _walk(graph: fx.Graph, live: set[fx.Node], is_join: Callable[[fx.Node], bool],
+          signal: Callable[[fx.Node], bool]) -> tuple[dict[fx.Node, fx.Node], set[fx.Node]]:
+    """One pass in graph order: (branch node → the join term it feeds, nodes between joins)."""
     def carries(n: fx.Node) -> bool:
         return n in live and signal(n)
 
     ancestors: dict[fx.Node, frozenset[fx.Node]] = {}  # the activations each node depends on
     after_join: set[fx.Node] = set()  # nodes downstream of some join
     before_join: set[fx.Node] = set()  # activations upstream of some join
-    body: set[fx.Node] = set()
+    branch: dict[fx.Node, fx.Node] = {}
     for node in graph.nodes:
         inputs = [i for i in node.all_input_nodes if i in ancestors]
         reach_of = [ancestors[i] | {i} if carries(i) else ancestors[i] for i in inputs]
@@ -50,8 +65,10 @@ def residual_body(graph: fx.Graph, live: set[fx.Node], is_join: Callable[[fx.Nod
         shared = frozenset.intersection(*reach)
         if not shared:
             continue  # `tok + pos`: independent inputs, not a residual join
-        body |= frozenset.union(*reach) - shared  # the branch
+        for term, r in zip(terms, reach):
+            for n in r - shared:  # the branch; the first join after a node is its own
+                branch.setdefault(n, term)
         before_join |= ancestors[node]
         after_join.add(node)
     # between two joins: a post-norm LayerNorm after `x + f(x)` belongs to the body too
-    return body | (after_join & before_join)
+    return branch, (after_join & before_join) - set(branch)

@@ -23,7 +23,8 @@ WRITERS: dict[str, Callable[..., Path]] = {}
 def budget_of(mass: float, total_mass: float, downstream: float, scale: float = 1.0) -> float:
     """An atom's share of the update's norm: its mass share over what amplifies it downstream
     (modula's target_norm at T=1), times `scale` (1 but for a residual body's atoms, whose
-    shares are read in quadrature: `Atom.budget_scale`). The one place this formula lives."""
+    shares are read in quadrature and depth-flat: `Atom.budget_scale`). The one place this
+    formula lives."""
     if total_mass <= 0 or downstream <= 0:
         return 0.0
     return mass / total_mass / downstream * scale
@@ -49,8 +50,9 @@ class Atom:
     sensitivity: float = 1.0
     downstream: float = 1.0
     budget: float = 0.0
-    #: Factor on the budget: √(n_eff / n_ref) for the atoms of a plain residual body (their
-    #: changes add in quadrature; `normgraph.analysis.analyze`), else 1.
+    #: Factor on the budget, 1 outside a plain residual body. Inside it: √(n_eff / n_ref) (the
+    #: body's changes add in quadrature) times D(the atom's branch output) / D̄ (the body read
+    #: depth-flat); `normgraph.analysis.analyze`, rules 5 and 7.
     budget_scale: float = 1.0
     #: Decoupled weight decay `compile(weight_decay="auto")` gives this atom: `BODY_DECAY`
     #: for the matrices inside residual branches (and one reading the unnormalised stream), else 0.
