@@ -251,10 +251,10 @@ def _flatten_body(body: list[Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node
 
     Why: the downstream is read at initialisation, when the stream is the embedding's output
     (RMS ~0.02 in ViT and GPT-2) plus the branches so far, so the first branches make up most
-    of it and count several times the last (a 16-layer ViT: 0.85 against 0.18). In training
+    of it and count several times the last (a 16-layer ViT: 0.85 against 0.17). In training
     the embedding and the stream grow and that ratio does not last; with it the first
-    blocks' matrices took 1/14 of the last ones' steps and a 16-layer ViT trained to 0.104
-    against Muon+AdamW's 0.034, with a flat body 0.044 (docs/concepts.md §5, rule 7). The
+    blocks' matrices took 1/14 of the last ones' steps and a 16-layer ViT trained to 0.092
+    against Muon+AdamW's 0.035, with a flat body 0.056 (8 seeds; docs/concepts.md §5, rule 7). The
     ratios inside a branch (q, k and v against the output projection) stay as measured, and
     the mean keeps the body's total step: Σ budgets over the branches is unchanged."""
     outputs = branch_outputs(cap.graph, scales.live, _plain_join(cap, scales),
