@@ -29,7 +29,7 @@ from ..core.wrappers import WRAPPER_PREFIX, unwrap_data_parallel
 from . import ops
 from .rules import (ATOM_RULES, PARAM_FLOW,
                     AtomSpec, BondInput, Use, bond_sensitivity, module_entry)
-from .residual import branch_outputs, residual_body
+from .residual import Residuals, residuals
 from .scale import SUMS, Scales, atom_gain, is_integer, scaled_bond
 from .trace import Captured, capture
 from .wrappers import analysable
@@ -166,15 +166,16 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         D, assumed = downstream(cap, scales)
         diag.assumed_ops = assumed
         atoms = _graph_atoms(trainable, uses, D, kinds or {}, diag, scales)
-        body = _weigh_body(atoms, uses, cap, scales, body_mass, diag) if body_mass is not None and scales else []
+        plain = _residuals(cap, scales, plain_only=True) if body_mass is not None and scales else None
+        body = _weigh_body(_atoms_in(plain.body, atoms, uses), body_mass, diag) if plain is not None else []
         if body:
             _weigh_position_tables(atoms, uses, scales.live, diag)
             _read_body_in_quadrature(body, body_reference, diag)
             if body_profile == "flat":
-                _flatten_body(body, uses, cap, scales, D, diag)
-        if body_mass is not None and scales:  # any residual, weighted ones too (modula's convex)
-            _decay_body(_branch_atoms(atoms, uses, cap, scales, plain_only=False), atoms, uses, scales,
-                        body_decay, diag)
+                _flatten_body(body, uses, plain, D, diag)
+        if plain is not None:  # any residual, weighted ones too (modula's convex)
+            _decay_body(_atoms_in(_residuals(cap, scales, plain_only=False).body, atoms, uses), atoms, uses,
+                        scales, body_decay, diag)
         graph = _to_networkx(cap, D, uses, scales)
     _check_kinds(kinds or {}, trainable)
     apply_masses(atoms, masses or {})
@@ -245,7 +246,7 @@ def _read_body_in_quadrature(body: list[Atom], n_ref: float | None, diag: Diagno
 
 
 def _flatten_body(body: list[Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
-                  cap: Captured, scales: Scales, D: dict[fx.Node, float], diag: Diagnostics) -> None:
+                  plain: Residuals, D: dict[fx.Node, float], diag: Diagnostics) -> None:
     """Give every residual branch's output the body's common downstream: each body atom's
     budget is scaled by D(its branch's output) / D̄, D̄ the harmonic mean over the branches.
 
@@ -257,8 +258,7 @@ def _flatten_body(body: list[Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node
     against Muon+AdamW's 0.035, with a flat body 0.056 (8 seeds; docs/concepts.md §5, rule 7). The
     ratios inside a branch (q, k and v against the output projection) stay as measured, and
     the mean keeps the body's total step: Σ budgets over the branches is unchanged."""
-    outputs = branch_outputs(cap.graph, scales.live, _plain_join(cap, scales),
-                             lambda n: n not in scales.weights and not is_integer(n))
+    outputs = plain.branch
     own: dict[str, fx.Node] = {}
     for a in body:
         terms = [outputs[node] for _, node, _ in uses.get(a.name, ()) if node in outputs]
@@ -333,11 +333,9 @@ def _fixed_rows(use: Use, live: set[fx.Node]) -> bool:
     return use.indexed  # sliced by constants on its way to an add: `x + wpe[:T]`
 
 
-def _weigh_body(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
-                cap: Captured, scales: Scales, total: float, diag: Diagnostics) -> list[Atom]:
-    """Give the atoms used inside residual branches `total` mass between them and return
-    them; [] if the network has no plain residual joins (nothing changed)."""
-    inside = _branch_atoms(atoms, uses, cap, scales, plain_only=True)
+def _weigh_body(inside: list[Atom], total: float, diag: Diagnostics) -> list[Atom]:
+    """Give the atoms used inside plain residual branches (`inside`) `total` mass between
+    them and return them; [] if there are none (nothing changed)."""
     own = sum(a.mass for a in inside)
     if not inside or own <= 0:
         return []
@@ -348,14 +346,18 @@ def _weigh_body(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.
     return inside
 
 
-def _branch_atoms(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
-                  cap: Captured, scales: Scales, plain_only: bool) -> list[Atom]:
-    """The atoms used inside residual branches: of plain joins only (`x + f(x)`, the body that
-    shares `BODY_MASS`), or of any sum, explicitly weighted ones included (modula's
+def _residuals(cap: Captured, scales: Scales, plain_only: bool) -> Residuals:
+    """The residual branches of plain joins only (`x + f(x)`, the body that shares
+    `BODY_MASS`), or of any sum, explicitly weighted ones included (modula's
     `(1 − 1/L)·x + f(x)/L`, whose masses are designed but whose matrices still grow)."""
     join = _plain_join(cap, scales) if plain_only else _any_join(cap)
-    body = residual_body(cap.graph, scales.live, join, lambda n: n not in scales.weights and not is_integer(n))
-    return [atoms[n] for n, specs in uses.items() if n in atoms and any(node in body for _, node, _ in specs)]
+    return residuals(cap.graph, scales.live, join, lambda n: n not in scales.weights and not is_integer(n))
+
+
+def _atoms_in(nodes: set[fx.Node], atoms: dict[str, Atom],
+              uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]]) -> list[Atom]:
+    """The atoms with a use among `nodes`, in `uses` order."""
+    return [atoms[n] for n, specs in uses.items() if n in atoms and any(node in nodes for _, node, _ in specs)]
 
 
 def _any_join(cap: Captured) -> Callable[[fx.Node], bool]:

@@ -14,6 +14,7 @@ with depth (measured in docs/concepts.md). Giving the body a fixed total mass (m
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch.fx as fx
@@ -21,28 +22,37 @@ import torch.fx as fx
 from . import ops
 
 
+@dataclass(frozen=True)
+class Residuals:
+    """One walk's findings. `branch`: each node inside a residual branch → the branch's
+    output, the term of the first join after it that the node feeds (`f(x)` in `x + f(x)`).
+    `between`: nodes on the stream between two joins (a post-norm LayerNorm), in no branch."""
+    branch: dict[fx.Node, fx.Node]
+    between: frozenset[fx.Node]
+
+    @property
+    def body(self) -> set[fx.Node]:
+        """Every node inside some branch or between two joins."""
+        return set(self.branch) | self.between
+
+
 def residual_body(graph: fx.Graph, live: set[fx.Node], is_join: Callable[[fx.Node], bool],
                   signal: Callable[[fx.Node], bool]) -> set[fx.Node]:
-    """Activations inside some residual branch of `graph`, or between two residual joins.
-
-    `is_join(node)` says which sums count as residual joins (the caller's sum rule);
-    `signal(node)` which live nodes are activations (not weights, not integer indices).
-    """
-    body, between = _walk(graph, live, is_join, signal)
-    return set(body) | between
+    """Activations inside some residual branch of `graph`, or between two residual joins."""
+    return residuals(graph, live, is_join, signal).body
 
 
 def branch_outputs(graph: fx.Graph, live: set[fx.Node], is_join: Callable[[fx.Node], bool],
                    signal: Callable[[fx.Node], bool]) -> dict[fx.Node, fx.Node]:
-    """Each node inside a residual branch → the branch's output: the term of the first join
-    after it that the node feeds (`f(x)` in `x + f(x)`). Nodes between two joins (a
-    post-norm LayerNorm) are on the stream itself, in no branch, and are not keys."""
-    return _walk(graph, live, is_join, signal)[0]
+    """Each node inside a residual branch → the branch's output (`Residuals.branch`)."""
+    return residuals(graph, live, is_join, signal).branch
 
 
-def _walk(graph: fx.Graph, live: set[fx.Node], is_join: Callable[[fx.Node], bool],
-          signal: Callable[[fx.Node], bool]) -> tuple[dict[fx.Node, fx.Node], set[fx.Node]]:
-    """One pass in graph order: (branch node → the join term it feeds, nodes between joins)."""
+def residuals(graph: fx.Graph, live: set[fx.Node], is_join: Callable[[fx.Node], bool],
+              signal: Callable[[fx.Node], bool]) -> Residuals:
+    """One pass over `graph` in order. `is_join(node)` says which sums count as residual
+    joins (the caller's sum rule); `signal(node)` which live nodes are activations (not
+    weights, not integer indices)."""
     def carries(n: fx.Node) -> bool:
         return n in live and signal(n)
 
@@ -71,4 +81,4 @@ def _walk(graph: fx.Graph, live: set[fx.Node], is_join: Callable[[fx.Node], bool
         before_join |= ancestors[node]
         after_join.add(node)
     # between two joins: a post-norm LayerNorm after `x + f(x)` belongs to the body too
-    return branch, (after_join & before_join) - set(branch)
+    return Residuals(branch, frozenset((after_join & before_join) - set(branch)))
