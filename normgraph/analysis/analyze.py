@@ -8,7 +8,7 @@ The pass is four plain functions over the captured graph:
    of each consuming op;
 3. masses: default masses per kind; in "hybrid" mode the residual body (`residual`) shares
    `BODY_MASS` (`_weigh_body`) and its budgets are read in quadrature
-   (`_read_body_in_quadrature`); the matrices inside any residual branches are marked for
+   (`_read_body_in_quadrature`) and depth-flat (`_flatten_body`); the matrices inside any residual branches are marked for
    `BODY_DECAY` (`_decay_body`); then the user's `masses` prefixes (`apply_masses`, modula's tare);
 4. budgets: budget = mass / total_mass / D(output of the atom's op) × budget_scale, modula's
    target_norm at T=1 (budget_scale is 1 outside a residual body).

@@ -10,7 +10,9 @@ output head (downstream of the last join) are not.
 Why it matters: with one unit of mass per atom, the embedding's and the head's shares of
 the update shrink like 1/depth while the body's grows, and the best learning rate drifts
 with depth (measured in docs/concepts.md). Giving the body a fixed total mass (modula's
-`blocks_mass`) keeps every share depth-independent.
+`blocks_mass`) keeps every share depth-independent. Knowing which branch each node feeds
+(`Residuals.branch`) lets the analysis give every branch of the body the same downstream
+(rule 7, docs/concepts.md §5).
 """
 from __future__ import annotations
 
