@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import normgraph
-from normgraph.analysis.residual import branch_outputs
+from normgraph.analysis.residual import residuals
 
 from test_analyze import ResidualMLP
 from test_scale import IDS, PreNorm
@@ -96,8 +96,8 @@ def test_branch_outputs_map_each_branch_node_to_its_own_join_term():
     gm = torch.fx.symbolic_trace(PreNorm(2))
     nodes = {n.name: n for n in gm.graph.nodes}
     live = set(gm.graph.nodes)
-    out = branch_outputs(gm.graph, live, lambda n: n.op == "call_function" and n.target.__name__ == "add",
-                         lambda n: n.op != "get_attr")
+    out = residuals(gm.graph, live, lambda n: n.op == "call_function" and n.target.__name__ == "add",
+                    lambda n: n.op != "get_attr").branch
     assert out[nodes["w1_0"]] is nodes["w2_0"] and out[nodes["relu"]] is nodes["w2_0"]
     assert out[nodes["w1_1"]] is nodes["w2_1"]
     assert nodes["emb"] not in out and nodes["head"] not in out

@@ -174,8 +174,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             if body_profile == "flat":
                 _flatten_body(body, uses, plain, D, diag)
         if plain is not None:  # any residual, weighted ones too (modula's convex)
-            _decay_body(_atoms_in(_residuals(cap, scales, plain_only=False).body, atoms, uses), atoms, uses,
-                        scales, body_decay, diag)
+            every = _residuals(cap, scales, plain_only=False) if _has_weighted_join(cap, scales) else plain
+            _decay_body(_atoms_in(every.body, atoms, uses), atoms, uses, scales, body_decay, diag)
         graph = _to_networkx(cap, D, uses, scales)
     _check_kinds(kinds or {}, trainable)
     apply_masses(atoms, masses or {})
@@ -363,6 +363,13 @@ def _atoms_in(nodes: set[fx.Node], atoms: dict[str, Atom],
 def _any_join(cap: Captured) -> Callable[[fx.Node], bool]:
     """Sums of every kind, explicitly weighted ones included (modula's convex residuals)."""
     return lambda node: ops.op_name(node, cap.modules) in SUMS
+
+
+def _has_weighted_join(cap: Captured, scales: Scales) -> bool:
+    """Whether some sum is explicitly weighted; without one, every join is plain and the walk
+    of plain joins already is the walk of all of them."""
+    every, plain = _any_join(cap), _plain_join(cap, scales)
+    return any(every(node) and not plain(node) for node in cap.graph.nodes)
 
 
 def _plain_join(cap: Captured, scales: Scales) -> Callable[[fx.Node], bool]:

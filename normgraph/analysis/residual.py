@@ -11,7 +11,7 @@ Why it matters: with one unit of mass per atom, the embedding's and the head's s
 the update shrink like 1/depth while the body's grows, and the best learning rate drifts
 with depth (measured in docs/concepts.md). Giving the body a fixed total mass (modula's
 `blocks_mass`) keeps every share depth-independent. Knowing which branch each node feeds
-(`Residuals.branch`) lets the analysis give every branch of the body the same downstream
+(`Residuals.branch`, from `residuals`) lets the analysis give every branch of the body the same downstream
 (rule 7, docs/concepts.md §5).
 """
 from __future__ import annotations
@@ -36,18 +36,6 @@ class Residuals:
     def body(self) -> set[fx.Node]:
         """Every node inside some branch or between two joins."""
         return set(self.branch) | self.between
-
-
-def residual_body(graph: fx.Graph, live: set[fx.Node], is_join: Callable[[fx.Node], bool],
-                  signal: Callable[[fx.Node], bool]) -> set[fx.Node]:
-    """Activations inside some residual branch of `graph`, or between two residual joins."""
-    return residuals(graph, live, is_join, signal).body
-
-
-def branch_outputs(graph: fx.Graph, live: set[fx.Node], is_join: Callable[[fx.Node], bool],
-                   signal: Callable[[fx.Node], bool]) -> dict[fx.Node, fx.Node]:
-    """Each node inside a residual branch → the branch's output (`Residuals.branch`)."""
-    return residuals(graph, live, is_join, signal).branch
 
 
 def residuals(graph: fx.Graph, live: set[fx.Node], is_join: Callable[[fx.Node], bool],
