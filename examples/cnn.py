@@ -1,8 +1,9 @@
 """A small conv net on scikit-learn's 8×8 digits: normgraph vs AdamW.
 
 The digits ship inside scikit-learn (no download). Both optimizers start from the same
-init and see the same minibatches; the conv kernels get normgraph's per-kernel-position
-orthogonalisation, the biases its RMS normalisation.
+init and see the same minibatches. The first conv reads the pixels, so normgraph moves it
+entrywise (a `stem`, docs/concepts.md §5 rule 8); the second gets the per-kernel-position
+orthogonalisation, the biases RMS normalisation.
 
     pip install -e ".[cnn]"                  # scikit-learn, the optional extra
     python examples/cnn.py                   # 300 steps each, a few seconds on CPU

@@ -65,11 +65,11 @@ EXPECTED = {
     bert: [(r"embeddings\.\w+_embeddings", "embedding", None), (r"LayerNorm\.weight", "gain", None),
            (r"bias$", "bias", None), (r"query|key|value|attention\.output\.dense|pooler", "linear", (32, 32)),
            (r"intermediate\.dense", "linear", (32, 64)), (r"output\.dense", "linear", (64, 32))],
-    vit: [(r"cls_token|position_embeddings", "bias", None), (r"projection\.weight", "conv", (3, 32)),
+    vit: [(r"cls_token|position_embeddings", "bias", None), (r"projection\.weight", "stem", None),
           (r"layernorm.*weight", "gain", None), (r"bias$", "bias", None),
           (r"[qkvo]_proj\.weight", "linear", (32, 32)), (r"fc1", "linear", (32, 64)), (r"fc2", "linear", (64, 32)),
           (r"classifier\.weight", "linear", (32, 3))],
-    resnet: [(r"convolution\.weight", "conv", None), (r"normalization\.weight", "gain", None),
+    resnet: [(r"embedder\.convolution\.weight", "stem", None), (r"convolution\.weight", "conv", None), (r"normalization\.weight", "gain", None),
              (r"bias$", "bias", None), (r"classifier\.1\.weight", "linear", (16, 3))],
     mixtral: [(r"embed_tokens", "embedding", None), (r"gate_up_proj", "expert", (32, 64)),  # gate, up ×2
               (r"experts\.down_proj", "expert", (64, 32)), (r"mlp\.gate\.weight", "linear", (32, 4)),

@@ -9,7 +9,8 @@ The pass is four plain functions over the captured graph:
 3. masses: default masses per kind; in "hybrid" mode the residual body (`residual`) shares
    `BODY_MASS` (`_weigh_body`) and its budgets are read in quadrature
    (`_read_body_in_quadrature`) and depth-flat (`_flatten_body`); the matrices inside any residual branches are marked for
-   `BODY_DECAY` (`_decay_body`); then the user's `masses` prefixes (`apply_masses`, modula's tare);
+   `BODY_DECAY` (`_decay_body`); a conv reading the raw input is a `stem` (`_mark_stems`);
+   then the user's `masses` prefixes (`apply_masses`, modula's tare);
 4. budgets: budget = mass / total_mass / D(output of the atom's op) × budget_scale, modula's
    target_norm at T=1 (budget_scale is 1 outside a residual body).
 """
@@ -70,7 +71,7 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             conv_mode: str = "positional", split_packed: bool = True,
             sensitivity: str = DEFAULT_SENSITIVITY, body_mass: float | str | None = "auto",
             body_reference: float | str | None = "auto", body_decay: float | str = "auto",
-            body_profile: str = "flat") -> NormGraph:
+            body_profile: str = "flat", stems: bool = True) -> NormGraph:
     """Infer every trainable parameter's operator norm, mass, sensitivity and budget.
 
     Args:
@@ -114,6 +115,11 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             with depth inside the body; "measured": each branch keeps the downstream read at
             initialisation, where the first branches of a stream that starts small count
             several times the last (docs/concepts.md §5, rule 7). Applies whenever the body is weighed.
+        stems: in "hybrid" mode, a conv that reads the model's raw input (an image stem, a
+            ViT's patch embedding: no trainable op between a float model input and it)
+            becomes a `stem` atom: sign dual, mass `kind_of("stem").mass` (0.1), so it moves
+            entrywise whatever its kernel size (docs/concepts.md §5, rule 8). False keeps it
+            a `conv`; `kinds=` overrides it per parameter.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"normgraph.analyze expects a torch.nn.Module, got {type(model).__name__}")
@@ -166,6 +172,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         D, assumed = downstream(cap, scales)
         diag.assumed_ops = assumed
         atoms = _graph_atoms(trainable, uses, D, kinds or {}, diag, scales)
+        if stems and sensitivity == "hybrid":
+            _mark_stems(atoms, uses, cap, scales.live, kinds or {}, diag)
         plain = _residuals(cap, scales, plain_only=True) if body_mass is not None and scales else None
         body = _weigh_body(_atoms_in(plain.body, atoms, uses), body_mass, diag) if plain is not None else []
         if body:
@@ -307,6 +315,56 @@ def _decay_body(body: list[Atom], atoms: dict[str, Atom],
         also = f" and {', '.join(a.name for a in readers)} (reading the unnormalised stream)" if readers else ""
         diag.notes.append(f"residual branches: their {len(marked)} matrices{also} get weight decay {decay:g} "
                           "with compile(weight_decay=\"auto\")")
+
+
+def _mark_stems(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
+                cap: Captured, live: set[fx.Node], kinds: Mapping[str, str], diag: Diagnostics) -> None:
+    """A conv that reads the model's raw input (an image stem, a ViT's patch embedding: no
+    trainable op between a float model input and it) becomes a `stem` atom: sign dual, a
+    gain's mass.
+
+    Why: the per-kernel-position norm sees a 1- or 3-channel input as K matrices of C_in
+    columns, and gives each position 1/K of the budget: a 7×7 ResNet stem moved 1/49 as far
+    per entry as its own weights' scale asks, and stayed near its initialisation. Moved
+    entrywise, as Muon+AdamW's AdamW moves it, ViT's and ResNet's test losses fell (docs/concepts.md
+    §5, rule 8). A linear layer reading raw features keeps its matrix norm: an MLP on
+    digits trained worse with the rule."""
+    after_params, from_input = _after_params(cap), _from_input(cap)
+    for name, specs in uses.items():
+        atom = atoms.get(name)
+        if atom is None or name in kinds or atom.kind != "conv" or not specs:
+            continue
+        if all(u is not None and _reads_raw_input(u, from_input & live, after_params) for _, _, u in specs):
+            stem = kind_of("stem")
+            atom.kind, atom.dual, atom.norm, atom.mass = stem.name, stem.dual, stem.norm, stem.mass
+            atom.options = {}  # entrywise: no matrix view
+            atom.note = f"{atom.note}; reads the raw input: a stem (sign dual, mass {stem.mass:g})"
+            diag.notes.append(f"stem: {name} reads the model's raw input (sign dual, mass {stem.mass:g})")
+
+
+def _after_params(cap: Captured) -> set[fx.Node]:
+    """Nodes computed from a trainable parameter."""
+    out: set[fx.Node] = set()
+    for node in cap.graph.nodes:
+        if node in cap.params or any(i in out for i in node.all_input_nodes):
+            out.add(node)
+    return out
+
+
+def _from_input(cap: Captured) -> set[fx.Node]:
+    """Nodes computed from a model input (not from parameters or buffers alone)."""
+    out: set[fx.Node] = set()
+    for node in cap.graph.nodes:
+        if (node.op == "placeholder" and node not in cap.params and node not in cap.constants) \
+                or any(i in out for i in node.all_input_nodes):
+            out.add(node)
+    return out
+
+
+def _reads_raw_input(use: Use, data_nodes: set[fx.Node], after_params: set[fx.Node]) -> bool:
+    """The op's operands that carry the input (its data) exist and none comes from a parameter."""
+    data = [v for k, v in use.args.items() if k != use.key and isinstance(v, fx.Node) and v in data_nodes]
+    return bool(data) and not any(v in after_params for v in data)
 
 
 def _weigh_position_tables(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
