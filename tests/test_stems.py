@@ -36,6 +36,8 @@ def test_the_rule_is_off_with_stems_false_in_modula_mode_and_under_kinds():
     assert normgraph.analyze(m, x, stems=False).atoms["0.weight"].kind == "conv"
     assert normgraph.analyze(m, x, sensitivity="modula").atoms["0.weight"].kind == "conv"
     assert normgraph.analyze(m, x, kinds={"0.weight": "conv"}).atoms["0.weight"].kind == "conv"
+    with pytest.raises(ValueError, match="stems='no'"):
+        normgraph.analyze(m, x, stems="no")
     on = normgraph.analyze(m, x)
     assert on.atoms["2.weight"].budget == pytest.approx(1 / 2.1)  # the total mass is 2.1, not 3
     assert normgraph.analyze(m, x, stems=False).atoms["2.weight"].budget == pytest.approx(1 / 3)

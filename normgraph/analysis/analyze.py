@@ -130,6 +130,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
     body_decay = _body_decay(body_decay)
     if body_profile not in BODY_PROFILES:
         raise ValueError(f"body_profile={body_profile!r}: expected one of {BODY_PROFILES}")
+    if not isinstance(stems, bool):
+        raise ValueError(f"stems={stems!r}: expected True (a conv reading the raw input is a stem) or False")
     if conv_mode not in ("positional", "flatten"):
         raise ValueError(f"conv_mode={conv_mode!r}: expected 'positional' or 'flatten'")
     _refuse_unsupported({n: p for n, p in model.named_parameters() if p.requires_grad and p.numel() > 0})
@@ -324,11 +326,11 @@ def _mark_stems(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.
     gain's mass.
 
     Why: the per-kernel-position norm sees a 1- or 3-channel input as K matrices of C_in
-    columns, and gives each position 1/K of the budget: a 7×7 ResNet stem moved 1/49 as far
-    per entry as its own weights' scale asks, and stayed near its initialisation. Moved
-    entrywise, as Muon+AdamW's AdamW moves it, ViT's and ResNet's test losses fell (docs/concepts.md
-    §5, rule 8). A linear layer reading raw features keeps its matrix norm: an MLP on
-    digits trained worse with the rule."""
+    columns and gives each position 1/K of the budget (1/49 for a 7×7 stem), and raw pixels
+    have no RMS geometry for a matrix norm to assume. Moved entrywise, as Muon+AdamW's AdamW
+    moves it, ViT's and ResNet's test losses fell (docs/concepts.md §5, rule 8). A linear
+    layer reading raw features keeps its matrix norm: an MLP on digits trained worse with
+    the rule."""
     after_params, from_input = _after_params(cap), _from_input(cap)
     for name, specs in uses.items():
         atom = atoms.get(name)
@@ -337,7 +339,8 @@ def _mark_stems(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.
         if all(u is not None and _reads_raw_input(u, from_input & live, after_params) for _, _, u in specs):
             stem = kind_of("stem")
             atom.kind, atom.dual, atom.norm, atom.mass = stem.name, stem.dual, stem.norm, stem.mass
-            atom.options = {}  # entrywise: no matrix view
+            if stem.dual != "orthogonalize":  # entrywise: the conv's matrix view no longer applies
+                atom.options = {}
             atom.note = f"{atom.note}; reads the raw input: a stem (sign dual, mass {stem.mass:g})"
             diag.notes.append(f"stem: {name} reads the model's raw input (sign dual, mass {stem.mass:g})")
 
