@@ -175,7 +175,7 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         diag.assumed_ops = assumed
         atoms = _graph_atoms(trainable, uses, D, kinds or {}, diag, scales)
         if stems and sensitivity == "hybrid":
-            _mark_stems(atoms, uses, cap, scales.live, kinds or {}, diag)
+            _mark_stems(atoms, uses, scales, kinds or {}, diag)
         plain = _residuals(cap, scales, plain_only=True) if body_mass is not None and scales else None
         body = _weigh_body(_atoms_in(plain.body, atoms, uses), body_mass, diag) if plain is not None else []
         if body:
@@ -320,7 +320,7 @@ def _decay_body(body: list[Atom], atoms: dict[str, Atom],
 
 
 def _mark_stems(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
-                cap: Captured, live: set[fx.Node], kinds: Mapping[str, str], diag: Diagnostics) -> None:
+                scales: Scales, kinds: Mapping[str, str], diag: Diagnostics) -> None:
     """A conv that reads the model's raw input (an image stem, a ViT's patch embedding: no
     trainable op between a float model input and it) becomes a `stem` atom: sign dual, a
     gain's mass.
@@ -331,12 +331,11 @@ def _mark_stems(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.
     moves it, ViT's and ResNet's test losses fell (docs/concepts.md §5, rule 8). A linear
     layer reading raw features keeps its matrix norm: an MLP on digits trained worse with
     the rule."""
-    after_params, from_input = _after_params(cap), _from_input(cap)
     for name, specs in uses.items():
         atom = atoms.get(name)
         if atom is None or name in kinds or atom.kind != "conv" or not specs:
             continue
-        if all(u is not None and _reads_raw_input(u, from_input & live, after_params) for _, _, u in specs):
+        if all(u is not None and _reads_raw_input(u, scales) for _, _, u in specs):
             stem = kind_of("stem")
             atom.kind, atom.dual, atom.norm, atom.mass = stem.name, stem.dual, stem.norm, stem.mass
             if stem.dual != "orthogonalize":  # entrywise: the conv's matrix view no longer applies
@@ -345,29 +344,12 @@ def _mark_stems(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.
             diag.notes.append(f"stem: {name} reads the model's raw input (sign dual, mass {stem.mass:g})")
 
 
-def _after_params(cap: Captured) -> set[fx.Node]:
-    """Nodes computed from a trainable parameter."""
-    out: set[fx.Node] = set()
-    for node in cap.graph.nodes:
-        if node in cap.params or any(i in out for i in node.all_input_nodes):
-            out.add(node)
-    return out
-
-
-def _from_input(cap: Captured) -> set[fx.Node]:
-    """Nodes computed from a model input (not from parameters or buffers alone)."""
-    out: set[fx.Node] = set()
-    for node in cap.graph.nodes:
-        if (node.op == "placeholder" and node not in cap.params and node not in cap.constants) \
-                or any(i in out for i in node.all_input_nodes):
-            out.add(node)
-    return out
-
-
-def _reads_raw_input(use: Use, data_nodes: set[fx.Node], after_params: set[fx.Node]) -> bool:
-    """The op's operands that carry the input (its data) exist and none comes from a parameter."""
-    data = [v for k, v in use.args.items() if k != use.key and isinstance(v, fx.Node) and v in data_nodes]
-    return bool(data) and not any(v in after_params for v in data)
+def _reads_raw_input(use: Use, scales: Scales) -> bool:
+    """The op's signal operands exist and every one was last transformed by no weight: its
+    roots (`Scales.roots`, as for gates) are all graph inputs."""
+    data = [v for k, v in use.args.items()
+            if k != use.key and isinstance(v, fx.Node) and v in scales.live and v not in scales.weights]
+    return bool(data) and all(r.op == "placeholder" for v in data for r in scales.roots(v))
 
 
 def _weigh_position_tables(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
