@@ -340,8 +340,8 @@ def _mark_stems(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.
             atom.kind, atom.dual, atom.norm, atom.mass = stem.name, stem.dual, stem.norm, stem.mass
             if stem.dual != "orthogonalize":  # entrywise: the conv's matrix view no longer applies
                 atom.options = {}
-            atom.note = f"{atom.note}; reads the raw input: a stem (sign dual, mass {stem.mass:g})"
-            diag.notes.append(f"stem: {name} reads the model's raw input (sign dual, mass {stem.mass:g})")
+            atom.note = f"{atom.note}; reads the raw input: a stem ({stem.dual} dual, mass {stem.mass:g})"
+            diag.notes.append(f"stem: {name} reads the model's raw input ({stem.dual} dual, mass {stem.mass:g})")
 
 
 def _reads_raw_input(use: Use, scales: Scales) -> bool:
