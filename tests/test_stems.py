@@ -92,3 +92,15 @@ def test_a_stem_step_moves_every_entry_by_lr_times_budget(tmp_path):
     # the annotations keep the kind and its entrywise (view-less) options
     ng = normgraph.load(opt.norm_graph.save(tmp_path / "cnn.json"))
     assert ng.atoms["0.weight"].kind == "stem" and ng.atoms["0.weight"].options == {}
+
+
+def test_a_stem_survives_onnx_and_load_reads_an_onnx_path(tmp_path):
+    model, x = cnn(), torch.randn(2, 1, 6, 6)
+    path = normgraph.export_onnx(model, (x,), tmp_path / "cnn.onnx")
+    ng = normgraph.load(path)  # a .onnx path goes to the ONNX reader
+    assert ng.atoms["0.weight"].kind == "stem" and ng.atoms["2.weight"].kind == "conv"
+    assert ng.atoms["0.weight"].budget == pytest.approx(0.1 / 2.1)
+    binary = tmp_path / "cnn.bin"
+    binary.write_bytes(path.read_bytes())
+    with pytest.raises(normgraph.io.AnnotationError, match="binary content.*read_onnx_annotations"):
+        normgraph.load(binary)

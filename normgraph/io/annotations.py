@@ -126,9 +126,19 @@ def loads(text: str, where: str = "") -> NormGraph:
 
 
 def load(path: str | Path) -> NormGraph:
-    """Read annotations written by `NormGraph.save`: validate, then recompute budgets from masses."""
+    """Read annotations written by `NormGraph.save` (or, for a path ending in .onnx, by
+    `normgraph.export_onnx`): validate, then recompute budgets from masses."""
     path = Path(path)
-    return loads(path.read_text(encoding="utf-8"), where=f"{path}: ")
+    if path.suffix.lower() == ".onnx":
+        from .onnx import read_onnx_annotations  # imported here: the ONNX reader imports this module
+        return read_onnx_annotations(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise AnnotationError(f"{path}: not a JSON annotations file (binary content); an annotated "
+                              "ONNX file is read from a path ending in .onnx, or with "
+                              "normgraph.read_onnx_annotations") from None
+    return loads(text, where=f"{path}: ")
 
 
 def from_dict(doc: Any, where: str = "") -> NormGraph:
