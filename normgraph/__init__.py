@@ -11,10 +11,10 @@ The package reads as the pipeline, one subpackage per pass over the data in `cor
 """
 from .analysis import analyze, register_atom_rule, register_bond_rule, register_module_rule, register_op
 from .analysis import register_scale_rule
-from .api import compile, export_onnx
+from .api import compile, export_onnx, load
 from .codegen import MapOptions, register_orthogonalizer
 from .core import Atom, Diagnostics, NormGraph, register_kind
-from .io import load, read_onnx_annotations
+from .io import read_onnx_annotations
 from .optim import NormGraphOptimizer
 
 __all__ = [

@@ -20,8 +20,8 @@ from .analysis.analyze import DEFAULT_SENSITIVITY, analyze
 from .codegen.options import MapOptions
 from .codegen.orthogonalizers import DEFAULT_SCHEDULE
 from .core.graph import NormGraph
-from .io.annotations import check_against, load
-from .io.onnx import write_onnx
+from .io.annotations import check_against, load as load_json
+from .io.onnx import read_onnx_annotations, write_onnx
 from .core.wrappers import WRAPPER_PREFIX, unwrap_data_parallel
 from .optim.optimizer import NormGraphOptimizer
 
@@ -77,6 +77,15 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
     return NormGraphOptimizer(inner, norm_graph, lr=lr, momentum=momentum, nesterov=nesterov,
                               weight_decay=weight_decay, map_options=options, shard_map=shard_map,
                               process_group=group)
+
+
+def load(path: str | os.PathLike) -> NormGraph:
+    """Read saved annotations: a JSON file (`NormGraph.save`) or, for a path ending in .onnx,
+    an annotated ONNX model (`export_onnx`, read by `read_onnx_annotations`). Either way they
+    are validated and the budgets recomputed from the masses."""
+    if Path(path).suffix.lower() == ".onnx":
+        return read_onnx_annotations(path)
+    return load_json(path)
 
 
 def _without_prefix(ng: NormGraph, prefix: str) -> NormGraph:

@@ -126,12 +126,9 @@ def loads(text: str, where: str = "") -> NormGraph:
 
 
 def load(path: str | Path) -> NormGraph:
-    """Read annotations written by `NormGraph.save` (or, for a path ending in .onnx, by
-    `normgraph.export_onnx`): validate, then recompute budgets from masses."""
+    """Read annotations written by `NormGraph.save`: validate, then recompute budgets from
+    masses. (`normgraph.load` also takes an annotated .onnx file.)"""
     path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        from .onnx import read_onnx_annotations  # imported here: the ONNX reader imports this module
-        return read_onnx_annotations(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
