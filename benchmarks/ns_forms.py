@@ -4,8 +4,9 @@
 
 Both forms evaluate the same polynomial; they differ in rounding. For each input, schedule,
 compute dtype and form the table gives σ_max of the result and ‖result − reference‖₂, where
-the reference is the direct form in float64. normgraph refuses the Gram form in half
-precision (`ortho.use_gram`); this script calls `ortho.gram_newton_schulz` directly to show why.
+the reference is the direct form in float64. In half precision normgraph re-forms X and its
+Gram matrix every 2 steps (`ortho.gram_restarts`); the "Gram, unbroken" rows call
+`ortho.gram_newton_schulz` without restarts to show why.
 """
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ from normgraph.codegen import orthogonalizers as ortho
 from ns_accuracy import conditioned  # noqa: E402  (same directory)
 
 
-def run(x: torch.Tensor, schedule: str, steps: int, dtype: torch.dtype, gram: bool) -> torch.Tensor:
+def run(x: torch.Tensor, schedule: str, steps: int, dtype: torch.dtype, gram: bool,
+        restarts: tuple[int, ...] = ()) -> torch.Tensor:
     """The normalised iteration in `dtype`, either form (x is wide: m <= n)."""
     coeffs, safety = ortho.ns_schedule(schedule, steps)
     y = x.to(dtype).unsqueeze(0)
     y = y / (torch.linalg.matrix_norm(y.double(), keepdim=True) * safety + 1e-7).to(dtype)
-    out = ortho.gram_newton_schulz(y, coeffs) if gram else ortho.direct_newton_schulz(y, coeffs, fused=False)
+    out = ortho.gram_newton_schulz(y, coeffs, restarts) if gram else ortho.direct_newton_schulz(y, coeffs, fused=False)
     return out[0].double()
 
 
@@ -51,10 +53,16 @@ def main() -> None:
             print(f"| {label} | {schedule} | float64 | direct (reference) | "
                   f"{torch.linalg.matrix_norm(ref, 2):.4f} | 0 |")
             for dtype in (torch.float32, torch.bfloat16):
-                for gram in (False, True):
-                    out = run(x, schedule, args.steps, dtype, gram)
+                restarts = ortho.gram_restarts(dtype, args.steps)
+                forms = [("direct", False, ())]
+                if restarts:
+                    forms += [("Gram, unbroken", True, ()), (f"Gram, re-formed before steps {restarts}", True, restarts)]
+                else:
+                    forms += [("Gram", True, ())]
+                for name, gram, rs in forms:
+                    out = run(x, schedule, args.steps, dtype, gram, rs)
                     err = torch.linalg.matrix_norm(out - ref, 2)
-                    print(f"| {label} | {schedule} | {str(dtype)[6:]} | {'Gram' if gram else 'direct'} | "
+                    print(f"| {label} | {schedule} | {str(dtype)[6:]} | {name} | "
                           f"{torch.linalg.matrix_norm(out, 2):.4f} | {err:.1e} |")
 
 

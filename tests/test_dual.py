@@ -87,15 +87,30 @@ def test_gram_form_matches_direct_form_in_float32(schedule: str, shape: tuple[in
         torch.testing.assert_close(torch.linalg.svdvals(out)[:, 0], torch.linalg.svdvals(ref)[:, 0], atol=1e-3, rtol=0)
 
 
-def test_gram_form_refuses_half_precision() -> None:
-    with pytest.raises(ValueError, match="compute_dtype=torch.float32"):
-        ortho.newton_schulz(torch.randn(8, 32), dtype=torch.bfloat16, method="gram")
+def test_gram_form_restarts_in_half_precision_only() -> None:
+    assert ortho.gram_restarts(torch.float32, 5) == () and ortho.gram_restarts(torch.float64, 5) == ()
+    assert ortho.gram_restarts(torch.bfloat16, 5) == (2, 4) and ortho.gram_restarts(torch.float16, 3) == (2,)
+    assert ortho.gram_restarts(torch.bfloat16, 2) == ()
+
+
+def test_restarted_gram_form_is_the_direct_iteration() -> None:
+    """Re-forming X and A mid-way evaluates the same polynomial: in float64 every restart
+    pattern agrees with the direct form to rounding."""
+    x = torch.randn(3, 24, 80, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    x = x / torch.linalg.matrix_norm(x, keepdim=True)
+    coeffs, _ = ortho.ns_schedule("polar-express", 5)
+    ref = ortho.direct_newton_schulz(x, coeffs, fused=False)
+    for restarts in [(), (2, 4), (3,), (1, 2, 3, 4)]:
+        torch.testing.assert_close(ortho.gram_newton_schulz(x, coeffs, restarts), ref, atol=1e-10, rtol=0)
 
 
 def test_use_gram_auto_rule_and_flops() -> None:
     assert ortho.use_gram(64, 128, torch.float32) and ortho.use_gram(300, 64, torch.float64)
     assert not ortho.use_gram(64, 127, torch.float32)  # below n = 2m the direct form is as cheap
-    assert not ortho.use_gram(64, 256, torch.bfloat16)  # the Gram recursion drifts in bf16
+    assert ortho.use_gram(256, 1024, torch.bfloat16)  # with restarts every 2 steps: 0.78 of the direct FLOPs
+    assert not ortho.use_gram(64, 256, torch.bfloat16)  # below HALF_PRECISION_GRAM_MIN rows it drifts in bf16
+    assert not ortho.use_gram(256, 511, torch.bfloat16) and not ortho.use_gram(256, 1024, torch.bfloat16, steps=1)
+    assert ortho.use_gram(64, 256, torch.bfloat16, "gram")  # forced: the user's choice
     assert ortho.use_gram(64, 64, torch.float32, "gram") and not ortho.use_gram(64, 256, torch.float32, "direct")
     with pytest.raises(ValueError, match="ns_method 'fast'"):
         ortho.use_gram(4, 8, torch.float32, "fast")
@@ -103,6 +118,9 @@ def test_use_gram_auto_rule_and_flops() -> None:
     assert ortho.ns_flops(m, n, k, gram=False) == 2 * k * (2 * m * m * n + m**3)
     assert ortho.ns_flops(n, m, k, gram=True) == 2 * (2 * m * m * n + (4 * k - 3) * m**3)
     assert ortho.ns_flops(m, n, k, False) / ortho.ns_flops(m, n, k, True) > 1.7
+    # two restarts (before steps 2 and 4): +2·2m²n, and three segments drop 2 P·Q and 4 P·A·P matmuls
+    assert ortho.ns_flops(n, m, k, gram=True, restarts=2) == 2 * (6 * m * m * n + (4 * k - 9) * m**3)
+    assert ortho.ns_flops(m, n, k, gram=True, restarts=2) / ortho.ns_flops(m, n, k, False) == pytest.approx(7 / 9)
 
 
 @pytest.mark.parametrize("method", ortho.NS_METHODS)

@@ -55,6 +55,21 @@ DEFAULT_SCHEDULE = "polar-express"
 NS_METHODS = ("auto", "direct", "gram")
 #: Added to the normaliser so that a zero matrix stays exactly 0 (never 0/0).
 NS_EPS = 1e-7
+#: In half precision the Gram form re-forms X ← Q·X and A ← X·Xᵀ every this many steps. Its
+#: recursion A ← P·A·P and the product Q = P_k⋯P_1 compound bf16 rounding: with no restart
+#: σ_max of the result reached 5.5e6 (Polar Express, 256×1024 power-law input). Re-formed
+#: every 2 steps it kept the direct form's σ_max on Gaussian, power-law, cond-1e4 and rank-8
+#: inputs from 256×1024 to 1024×4096 (1.150 against 1.144 with Polar Express, 1.200 against
+#: 1.205 with the quintic); every 3 steps Polar Express reached 1.41 there
+#: (benchmarks/ns_gram_restarts.py; docs/newton_schulz.md, "The Gram form in half precision").
+#: In float32 the unbroken recursion stays within 4e-4 of float64, so it never restarts.
+HALF_PRECISION_GRAM_RESTART = 2
+#: "auto" uses the half-precision Gram form only on matrices with at least this many rows (the
+#: shorter side). Below it even the restarted form drifts on ill-conditioned inputs: σ_max
+#: 1.23 on a 32×64 power-law input, 1.17-1.26 on row-scaled Gaussians of 16 to 64 rows, where
+#: the direct form gives 1.15 (benchmarks/ns_gram_restarts.py). 128×256 matched; 256 keeps a
+#: margin, and small matrices cost little anyway.
+HALF_PRECISION_GRAM_MIN = 256
 
 
 # ---------------------------------------------------------------------------------------
@@ -214,28 +229,34 @@ def check_ns_method(method: str) -> None:
         raise ValueError(f"unknown ns_method {method!r}; use one of {NS_METHODS}")
 
 
-def use_gram(rows: int, cols: int, dtype: torch.dtype, method: str = "auto") -> bool:
+def gram_restarts(dtype: torch.dtype, steps: int) -> tuple[int, ...]:
+    """The steps before which the Gram form re-forms X and its Gram matrix in `dtype`: none in
+    float32/float64, every `HALF_PRECISION_GRAM_RESTART` steps in half precision."""
+    if dtype in (torch.float32, torch.float64):
+        return ()
+    return tuple(range(HALF_PRECISION_GRAM_RESTART, steps, HALF_PRECISION_GRAM_RESTART))
+
+
+def use_gram(rows: int, cols: int, dtype: torch.dtype, method: str = "auto", steps: int = 5) -> bool:
     """Whether to run Newton–Schulz in Gram form for (rows × cols) matrices in `dtype`.
 
     With m = min, n = max, the direct form costs (2n/m + 1)·m³ multiply-adds per step; the
-    Gram form costs about 3.4·m³ per step plus 2n·m² once, so it wins from n ≥ 2m (1.5× fewer
-    FLOPs at n = 3m, 1.8× at 4m). It is used only in float32/float64 ("gram" in half precision
-    is an error): the Gram matrix is updated recursively (A ← P·A·P) instead of being
-    recomputed from X, and in bfloat16 that recursion drifts (σ_max of the result reached 1.67
-    with the quintic and 12.0 with Polar Express on a 768×3072 input of condition number 1e4,
-    against 1.20 and 1.14 for the direct form); in float32 the Gram form stays within 4e-4 of
-    the float64 iteration (spectral norm) there (benchmarks/ns_forms.py, docs/newton_schulz.md).
+    Gram form costs about 3.4·m³ per step plus 2n·m² once, and 4n·m² more per restart in half
+    precision (`gram_restarts`). So in float32 it wins from n ≥ 2m (1.5× fewer FLOPs at n = 3m,
+    1.8× at 4m); in bf16, re-formed every 2 steps, by 1.2× at 3m and 1.3× at 4m. "auto" picks
+    it where n ≥ 2m and its FLOP count (`ns_flops`) is below the direct form's, and in half
+    precision only from m = `HALF_PRECISION_GRAM_MIN`. In float32 it stays within 4e-4 of the
+    float64 iteration (spectral norm); in bf16, with its restarts and from that size, it keeps
+    the direct form's σ bands (benchmarks/ns_forms.py, docs/newton_schulz.md).
     """
     check_ns_method(method)
-    full_precision = dtype in (torch.float32, torch.float64)
-    if method == "gram" and not full_precision:
-        raise ValueError(f"ns_method='gram' needs float32 or float64 compute, not {dtype}: in half precision "
-                         "the Gram recursion drifts (σ_max up to 12 where the direct form gives 1.14). Pass "
-                         "compute_dtype=torch.float32, or ns_method='auto' to use the Gram form only where it is safe")
     if method != "auto":
         return method == "gram"
     m, n = sorted((rows, cols))
-    return full_precision and n >= 2 * m
+    restarts = gram_restarts(dtype, steps)
+    if restarts and m < HALF_PRECISION_GRAM_MIN:
+        return False
+    return n >= 2 * m and ns_flops(m, n, steps, True, len(restarts)) < ns_flops(m, n, steps, False)
 
 
 def unit_max(x: torch.Tensor, dim: tuple[int, ...] | int | None = None) -> torch.Tensor:
@@ -260,60 +281,77 @@ def direct_newton_schulz(y: torch.Tensor, coeffs: Coefficients, fused: bool) -> 
     return y
 
 
-def gram_newton_schulz(y: torch.Tensor, coeffs: Coefficients) -> torch.Tensor:
+def gram_newton_schulz(y: torch.Tensor, coeffs: Coefficients, restarts: tuple[int, ...] = ()) -> torch.Tensor:
     """The direct iteration X ← P(XXᵀ)·X, rewritten on the Gram matrix (B, m, n), m <= n.
 
     Every P_k is a polynomial in A_k = X_k X_kᵀ, so X_k = Q_k X_0 with Q_k = P_k ⋯ P_1 and
     A_{k+1} = P_k A_k P_k: the loop runs on m×m matrices and X is read twice (A_0, Q·X_0).
+    Before each step k in `restarts`, X ← Q·X and A ← X·Xᵀ are formed afresh, so rounding in
+    the recursion compounds over one segment only (needed in half precision: `gram_restarts`).
     """
     gram = torch.bmm(y, y.mT)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     q = None
     for k, (a, b, c) in enumerate(coeffs):
+        if k in restarts:  # re-form X and its Gram matrix from the input
+            y = torch.bmm(q, y)
+            gram = torch.bmm(y, y.mT)
+            q = None
         poly = b * gram + c * torch.bmm(gram, gram) + a * eye  # P = a·I + b·A + c·A² (out of place)
         q = poly if q is None else torch.bmm(poly, q)
-        if k + 1 < len(coeffs):
+        if k + 1 < len(coeffs) and k + 1 not in restarts:
             gram = torch.bmm(torch.bmm(poly, gram), poly)
     return torch.bmm(q, y)
 
 
 def newton_schulz_batch(x: torch.Tensor, coefficients: Coefficients, safety: float = 1.0, eps: float = NS_EPS,
-                        gram_form: bool = False, fused: bool = False) -> torch.Tensor:
+                        gram_form: bool = False, fused: bool = False, gram_restarts: tuple[int, ...] = ()) -> torch.Tensor:
     """(B, m, n), m <= n → ≈ U Vᵀ: the registered "newton-schulz" orthogonalizer.
 
     Normalising by the Frobenius norm (× `safety`) bounds σ_max by 1 so the iteration
     converges; dividing by the largest entry first keeps that norm from overflowing to a
-    zero update. Then the polynomial runs directly or in Gram form (`use_gram`).
+    zero update. Then the polynomial runs directly or in Gram form (`use_gram`), re-formed
+    before the steps in `gram_restarts` (`gram_restarts(dtype, steps)`).
     """
     x = unit_max(x, dim=(-2, -1))
     norm = torch.linalg.matrix_norm(x, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
     x = x / (norm * safety + eps).to(x.dtype)
     if gram_form:
-        return gram_newton_schulz(x, coefficients)
+        return gram_newton_schulz(x, coefficients, gram_restarts)
     return direct_newton_schulz(x, coefficients, fused)
 
 
-def ns_flops(rows: int, cols: int, steps: int, gram: bool) -> float:
-    """Matmul FLOPs of one Newton–Schulz pass over one (rows × cols) matrix."""
+def ns_flops(rows: int, cols: int, steps: int, gram: bool, restarts: int = 0) -> float:
+    """Matmul FLOPs of one Newton–Schulz pass over one (rows × cols) matrix; `restarts`: how
+    many times the Gram form re-forms X and its Gram matrix (`gram_newton_schulz`)."""
     m, n = sorted((rows, cols))
-    if gram:  # A_0 and Q·X_0; per step A² and all but the first P·Q; all but the last P·A·P
-        return 2.0 * (2 * m * m * n + m**3 * (steps + (steps - 1) + 2 * (steps - 1)))
-    return 2.0 * steps * (2 * m * m * n + m**3)
+    if not gram:
+        return 2.0 * steps * (2 * m * m * n + m**3)
+    segments = restarts + 1
+    # A_0 and Q·X_0, plus Q·X and X·Xᵀ per restart; per step A²; per segment all but its first
+    # P·Q and all but its last P·A·P (two matmuls)
+    return 2.0 * ((2 + 2 * restarts) * m * m * n + m**3 * (steps + 3 * (steps - segments)))
 
 
 def _ns_settings(options: Any, m: int, n: int, dtype: torch.dtype, device_type: str) -> dict[str, Any]:
     coeffs, safety = ns_schedule(options.ns_coefficients, options.ns_steps)
-    return {"coefficients": coeffs, "safety": safety, "eps": NS_EPS,
-            "gram_form": use_gram(m, n, dtype, options.ns_method), "fused": device_type == "cuda"}
+    gram = use_gram(m, n, dtype, options.ns_method, len(coeffs))
+    settings = {"coefficients": coeffs, "safety": safety, "eps": NS_EPS, "gram_form": gram,
+                "fused": device_type == "cuda"}
+    if gram and gram_restarts(dtype, len(coeffs)):
+        settings["gram_restarts"] = gram_restarts(dtype, len(coeffs))
+    return settings
 
 
 def _ns_describe(s: dict[str, Any], m: int) -> str:
-    return f"Gram {m}²" + (", iterated in Gram form" if s["gram_form"] else "")
+    restarts = s.get("gram_restarts", ())
+    restart = f", re-formed from X before step{'s' * (len(restarts) > 1)} {', '.join(map(str, restarts))}" if restarts else ""
+    return f"Gram {m}²" + (", iterated in Gram form" + restart if s["gram_form"] else "")
 
 
 register_orthogonalizer(
     "newton-schulz", newton_schulz_batch, settings=_ns_settings, describe=_ns_describe, title="Newton–Schulz",
-    flops=lambda m, n, s: ns_flops(m, n, len(s["coefficients"]), s["gram_form"]))
+    flops=lambda m, n, s: ns_flops(m, n, len(s["coefficients"]), s["gram_form"], len(s.get("gram_restarts", ()))))
 
 
 def newton_schulz(x: torch.Tensor, steps: int = 5, coefficients: str | Sequence = DEFAULT_SCHEDULE,
@@ -325,10 +363,11 @@ def newton_schulz(x: torch.Tensor, steps: int = 5, coefficients: str | Sequence 
     """
     coeffs, safety = ns_schedule(coefficients, steps)
     work = compute_dtype(x.device, dtype)
-    gram = use_gram(*sorted(x.shape[-2:]), work, method)
+    gram = use_gram(*sorted(x.shape[-2:]), work, method, steps)
+    restarts = gram_restarts(work, len(coeffs)) if gram else ()
 
     def wide(y: torch.Tensor) -> torch.Tensor:
-        return newton_schulz_batch(y, coeffs, safety, eps, gram, fused=y.device.type == "cuda")
+        return newton_schulz_batch(y, coeffs, safety, eps, gram, fused=y.device.type == "cuda", gram_restarts=restarts)
     return on_wide_batches(x, wide, work)
 
 
