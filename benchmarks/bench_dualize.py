@@ -9,11 +9,16 @@ Every contender does `--steps` Newton–Schulz steps. Contenders, one row each:
   normgraph map      the compiled generated map (stacked same-shape matrices, batched NS), for
                      every shipped schedule and form of the "newton-schulz" orthogonalizer:
                      ns_coefficients "quintic" and "polar-express" × {float32 ns_method="auto"
-                     (the CPU default: Gram form on the matrices with n ≥ 2m, direct on the
-                     squares), float32 ns_method="gram" (Gram form on every shape), float32
-                     direct, bfloat16 direct}. bfloat16 Gram is refused by normgraph.
-  normgraph step     NormGraphOptimizer.step() (momentum + map + weight update) for the quintic
-                     rows (auto, direct, bf16): same map, so same accuracy as its map row
+                     (Gram form on the matrices with n ≥ 2m, direct on the squares), float32
+                     ns_method="gram" (Gram form on every shape), float32 direct, bfloat16
+                     "auto" (the default on CUDA and on CPUs with native bf16: Gram form where
+                     n ≥ 2m, re-formed from X every 2 steps, direct on the squares), bfloat16
+                     direct}
+  normgraph step     NormGraphOptimizer.step() (momentum + map + weight update) for the default
+                     schedule's auto and direct rows: same map, so same accuracy as its map row
+  CUDA graphs        (CUDA only) the default map compiled with compile_mode="reduce-overhead",
+                     and the functional step (momentum + map + update, no finite check)
+                     captured whole in one torch.cuda.CUDAGraph and replayed
   Muon.step()        torch.optim.Muon (one matrix at a time, always bf16, quintic): the reference
   NS loop            ortho.newton_schulz on each matrix in turn (eager, direct form, quintic)
 
@@ -219,6 +224,54 @@ def muon_orth(steps: int) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# CUDA graphs
+
+
+def captured(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
+    """`fn` recorded once into a torch.cuda.CUDAGraph (after warm-up on a side stream, as the
+    CUDA-graph docs ask); the returned function replays it: no Python, no launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def cuda_graph_rows(atoms: list[Atom], specs: list, opts: dict, params: list[torch.nn.Parameter],
+                    grads: list[torch.Tensor], flops: float, acc: "Accuracy", device: torch.device, repeats: int,
+                    label: str, short: str) -> list["Row"]:
+    """The default map under compile_mode="reduce-overhead" (inductor's CUDA graphs), and the
+    whole functional step (momentum + map + update) captured in one CUDA graph by hand."""
+    from normgraph.optim import functional as F
+    rows = []
+    _, fn = codegen.generate(atoms, specs=specs, compile_mode="reduce-overhead", **opts)
+    try:
+        secs = timeit(lambda: fn(grads), device, repeats, warmup=3)
+        rows.append(Row(label + ", compile_mode='reduce-overhead' (CUDA graphs)", short + " reduce-overhead",
+                        secs, flops, acc, "map"))
+    except Exception as e:  # report, do not hide: the row is missing and says why
+        print(f"# reduce-overhead map failed: {type(e).__name__}: {e}", flush=True)
+    _, eager_fn = codegen.generate(atoms, specs=specs, **opts)
+    work = [p.detach() for p in params]
+    bufs = [torch.zeros_like(g) for g in grads]
+    kw = dict(lrs=[0.02] * len(work), momenta=[0.95] * len(work), nesterovs=[True] * len(work),
+              weight_decays=[0.0] * len(work))
+    try:
+        replay = captured(lambda: F.normgraph_step(work, grads, bufs, eager_fn, **kw))
+        rows.append(Row(label.replace("map", "step (momentum + map + update)") + ", one captured CUDA graph",
+                        short.replace("map", "step") + " CUDA graph", timeit(replay, device, repeats), flops, acc,
+                        "step"))
+    except Exception as e:
+        print(f"# captured step failed: {type(e).__name__}: {e}", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # The run
 
 
@@ -295,14 +348,16 @@ def main() -> None:
     fams = probes([s for _, s in mats[:4]], device, args.seed)
 
     rows: list[Row] = []
-    forms = [(torch.float32, "auto"), (torch.float32, "gram"), (torch.float32, "direct"), (torch.bfloat16, "direct")]
+    forms = [(torch.float32, "auto"), (torch.float32, "gram"), (torch.float32, "direct"), (torch.bfloat16, "auto"),
+             (torch.bfloat16, "direct")]
     d = args.d
     for schedule in ortho.SCHEDULES:
         for dt, method in forms:
             dname = str(dt).replace("torch.", "")
             if method == "auto":
-                form = ("Gram form where n ≥ 2m, direct on squares (auto)"
-                        if ortho.use_gram(d, 4 * d, dt) else "direct (auto)")
+                restart = " re-formed every 2 steps," if ortho.gram_restarts(dt, args.steps) else ""
+                form = (f"Gram form where n ≥ 2m,{restart} direct on squares (auto)"
+                        if ortho.use_gram(d, 4 * d, dt, steps=args.steps) else "direct (auto)")
             else:
                 form = {"gram": "Gram form on every shape", "direct": "direct"}[method]
             label = f"normgraph map, {schedule}, {dname}, {form}"
@@ -318,11 +373,13 @@ def main() -> None:
             secs = timeit(lambda: fn(grads), device, repeats)
             acc = accuracy(map_orth(fn, atoms, args.layers), fams)
             rows.append(Row(label, short, secs, flops, acc, "map"))
-            if schedule == "quintic" and method != "gram":
+            if schedule == ortho.DEFAULT_SCHEDULE and method != "gram":
                 ng = NormGraph({a.name: a for a in atoms})
                 opt = NormGraphOptimizer(list(zip([n for n, _ in mats], params)), ng, lr=0.02, **opts)
                 rows.append(Row(label.replace("map", "step()"), short.replace("map", "step()"),
                                 timeit(opt.step, device, repeats), flops, acc, "step"))
+            if device.type == "cuda" and schedule == ortho.DEFAULT_SCHEDULE and dt == torch.bfloat16 and method == "auto":
+                rows += cuda_graph_rows(atoms, specs, opts, params, grads, flops, acc, device, repeats, label, short)
 
     muon = torch.optim.Muon(params, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=args.steps)
     muon_t = timeit(muon.step, device, repeats)
@@ -331,9 +388,11 @@ def main() -> None:
     work = ortho.compute_dtype(device)
     wname = str(work).replace("torch.", "")
     rows.append(Row(f"per-matrix NS loop, quintic, {wname}, direct", f"NS loop quintic {wname} direct",
-                    timeit(lambda: [ortho.newton_schulz(g, args.steps, method="direct") for g in grads], device, repeats),
+                    timeit(lambda: [ortho.newton_schulz(g, args.steps, "quintic", method="direct") for g in grads],
+                           device, repeats),
                     direct_flops,
-                    accuracy(lambda gs: [ortho.newton_schulz(g, args.steps, method="direct") for g in gs], fams),
+                    accuracy(lambda gs: [ortho.newton_schulz(g, args.steps, "quintic", method="direct") for g in gs],
+                             fams),
                     "loop"))
 
     roof = matmul_tflops(device, n=8192 if device.type == "cuda" else 2048)

@@ -19,12 +19,26 @@ DualityMapFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """One host sync for the whole list: the ∞-norm is inf/NaN iff some entry is."""
+    """Whether every entry of every tensor is finite, with one host sync in the common case.
+
+    The 2-norm is finite iff every entry is, unless the squares overflow (entries near
+    1.8e19 in fp32); only tensors whose 2-norm is not finite are checked again, exactly, by the
+    ∞-norm. The 2-norm pass is the fast one: 0.36 against 9.2 ms for the ∞-norm over 4.7M fp32
+    entries on one CPU thread (docs/performance.md).
+    """
     if not tensors:
         return True
-    norms = torch._foreach_norm(list(tensors), math.inf)
+    tensors = list(tensors)
+    finite = _finite_norms(torch._foreach_norm(tensors, 2))
+    if bool(finite.all()):
+        return True
+    suspects = [t for t, ok in zip(tensors, finite.tolist()) if not ok]
+    return bool(_finite_norms(torch._foreach_norm(suspects, math.inf)).all())
+
+
+def _finite_norms(norms: Sequence[torch.Tensor]) -> torch.Tensor:
     device = norms[0].device
-    return bool(torch.stack([n.float().to(device) for n in norms]).isfinite().all())
+    return torch.stack([n.float().to(device) for n in norms]).isfinite()
 
 
 def momentum_directions(grads: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor | None],
@@ -54,11 +68,19 @@ def momentum_directions(grads: Sequence[torch.Tensor], buffers: Sequence[torch.T
 
 def apply_updates(params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor], lrs: Sequence[float],
                   weight_decays: Sequence[float]) -> None:
-    """W ← W·(1 − lr·wd) − lr·update, in place (decoupled weight decay)."""
+    """W ← W·(1 − lr·wd) − lr·update, in place (decoupled weight decay).
+
+    One fused `_foreach_add_(..., alpha=-lr)` per distinct lr: scaling the updates first would
+    allocate a copy of every update (on one CPU thread that cost 2.6–11× the add itself).
+    """
     decayed = [(p, 1 - lr * wd) for p, lr, wd in zip(params, lrs, weight_decays) if wd]
     if decayed:
         torch._foreach_mul_([p for p, _ in decayed], [f for _, f in decayed])
-    torch._foreach_add_(list(params), torch._foreach_mul(list(updates), [-lr for lr in lrs]))
+    by_lr: dict[float, list[int]] = {}
+    for k, lr in enumerate(lrs):
+        by_lr.setdefault(float(lr), []).append(k)
+    for lr, idx in by_lr.items():
+        torch._foreach_add_([params[k] for k in idx], [updates[k] for k in idx], alpha=-lr)
 
 
 def normgraph_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
