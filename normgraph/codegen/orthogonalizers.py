@@ -338,8 +338,9 @@ def _ns_settings(options: Any, m: int, n: int, dtype: torch.dtype, device_type: 
     gram = use_gram(m, n, dtype, options.ns_method, len(coeffs))
     settings = {"coefficients": coeffs, "safety": safety, "eps": NS_EPS, "gram_form": gram,
                 "fused": device_type == "cuda"}
-    if gram and gram_restarts(dtype, len(coeffs)):
-        settings["gram_restarts"] = gram_restarts(dtype, len(coeffs))
+    restarts = gram_restarts(dtype, len(coeffs)) if gram else ()
+    if restarts:  # only in half precision, so float32 maps keep their generated code
+        settings["gram_restarts"] = restarts
     return settings
 
 
