@@ -242,11 +242,12 @@ def captured(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
     return graph.replay
 
 
-def cuda_graph_rows(atoms: list[Atom], specs: list, opts: dict, params: list[torch.nn.Parameter],
+def cuda_graph_rows(atoms: list[Atom], specs: list, opts: dict, map_fn: Callable, params: list[torch.nn.Parameter],
                     grads: list[torch.Tensor], flops: float, acc: "Accuracy", device: torch.device, repeats: int,
                     label: str, short: str) -> list["Row"]:
     """The default map under compile_mode="reduce-overhead" (inductor's CUDA graphs), and the
-    whole functional step (momentum + map + update) captured in one CUDA graph by hand."""
+    whole functional step (momentum + `map_fn`, the row's compiled map, + update) captured in
+    one CUDA graph by hand."""
     from normgraph.optim import functional as F
     rows = []
     _, fn = codegen.generate(atoms, specs=specs, compile_mode="reduce-overhead", **opts)
@@ -256,13 +257,12 @@ def cuda_graph_rows(atoms: list[Atom], specs: list, opts: dict, params: list[tor
                         secs, flops, acc, "map"))
     except Exception as e:  # report, do not hide: the row is missing and says why
         print(f"# reduce-overhead map failed: {type(e).__name__}: {e}", flush=True)
-    _, eager_fn = codegen.generate(atoms, specs=specs, **opts)
     work = [p.detach() for p in params]
     bufs = [torch.zeros_like(g) for g in grads]
     kw = dict(lrs=[0.02] * len(work), momenta=[0.95] * len(work), nesterovs=[True] * len(work),
               weight_decays=[0.0] * len(work))
     try:
-        replay = captured(lambda: F.normgraph_step(work, grads, bufs, eager_fn, **kw))
+        replay = captured(lambda: F.normgraph_step(work, grads, bufs, map_fn, **kw))
         rows.append(Row(label.replace("map", "step (momentum + map + update)") + ", one captured CUDA graph",
                         short.replace("map", "step") + " CUDA graph", timeit(replay, device, repeats), flops, acc,
                         "step"))
@@ -355,7 +355,8 @@ def main() -> None:
         for dt, method in forms:
             dname = str(dt).replace("torch.", "")
             if method == "auto":
-                restart = " re-formed every 2 steps," if ortho.gram_restarts(dt, args.steps) else ""
+                restart = (f" re-formed every {ortho.HALF_PRECISION_GRAM_RESTART} steps,"
+                           if ortho.gram_restarts(dt, args.steps) else "")
                 form = (f"Gram form where n ≥ 2m,{restart} direct on squares (auto)"
                         if ortho.use_gram(d, 4 * d, dt, steps=args.steps) else "direct (auto)")
             else:
@@ -379,7 +380,7 @@ def main() -> None:
                 rows.append(Row(label.replace("map", "step()"), short.replace("map", "step()"),
                                 timeit(opt.step, device, repeats), flops, acc, "step"))
             if device.type == "cuda" and schedule == ortho.DEFAULT_SCHEDULE and dt == torch.bfloat16 and method == "auto":
-                rows += cuda_graph_rows(atoms, specs, opts, params, grads, flops, acc, device, repeats, label, short)
+                rows += cuda_graph_rows(atoms, specs, opts, fn, params, grads, flops, acc, device, repeats, label, short)
 
     muon = torch.optim.Muon(params, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=args.steps)
     muon_t = timeit(muon.step, device, repeats)
