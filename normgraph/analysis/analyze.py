@@ -9,7 +9,9 @@ The pass is four plain functions over the captured graph:
 3. masses: default masses per kind; in "hybrid" mode the residual body (`residual`) shares
    `BODY_MASS` (`_weigh_body`) and its budgets are read in quadrature
    (`_read_body_in_quadrature`) and depth-flat (`_flatten_body`); the matrices inside any residual branches are marked for
-   `BODY_DECAY` (`_decay_body`); a conv reading the raw input is a `stem` (`_mark_stems`);
+   `BODY_DECAY` (`_decay_body`); beside a body, tables read at fixed indices and the gains in
+   front of a tied head take their own masses (`_weigh_position_tables`, `_weigh_tied_head_norm`);
+   a conv reading the raw input is a `stem` (`_mark_stems`);
    then the user's `masses` prefixes (`apply_masses`, modula's tare);
 4. budgets: budget = mass / total_mass / D(output of the atom's op) × budget_scale, modula's
    target_norm at T=1 (budget_scale is 1 outside a residual body).
@@ -31,7 +33,7 @@ from . import ops
 from .rules import (ATOM_RULES, PARAM_FLOW,
                     AtomSpec, BondInput, Use, bond_sensitivity, module_entry)
 from .residual import Residuals, residuals
-from .scale import SUMS, Scales, atom_gain, is_integer, scaled_bond
+from .scale import MATRIX_OPS, NORMALISATIONS, SUMS, Scales, atom_gain, is_integer, scaled_bond
 from .trace import Captured, capture
 from .wrappers import analysable
 
@@ -44,6 +46,11 @@ BODY_MASS = 8.0
 #: body: a tenth of a bias's. Its rows are added to every sequence, so they must not outgrow the
 #: token rows they sit beside (`_weigh_position_tables`; measured in docs/concepts.md §5).
 POSITION_TABLE_MASS = 0.01
+#: Mass of each gain and bias applied to the activation a tied head reads (the normalisation in
+#: front of it) beside a residual body: three times a gain's. The tied table moves at its
+#: embedding's budget, so the logits' scale and offset move mostly through these atoms
+#: (`_weigh_tied_head_norm`; measured on BERT and GPT-2 in docs/concepts.md §5, rule 9).
+TIED_HEAD_NORM_MASS = 0.3
 #: Reference size of a residual body, in mass-weighted atoms (n_eff = (Σm)²/Σm²): the body
 #: atoms' budgets are scaled by √(n_eff / n_ref). 28 is a 4-layer Llama's body (7 matrices
 #: per block), the depth at which `BODY_MASS` was chosen, so 4-layer models keep their budgets
@@ -98,6 +105,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             in "hybrid" mode, off in the others; None: off (one unit per atom); a number: that
             total, in any mode but "modula". Networks whose residuals are explicitly weighted
             (modula's convex residuals) have no plain-sum joins and keep their masses.
+            Beside a body, tables read at fixed indices take `POSITION_TABLE_MASS` and the
+            gains and biases in front of a tied head `TIED_HEAD_NORM_MASS`.
             `masses=` is applied afterwards and wins.
         body_reference: read the body atoms' changes in quadrature: their budgets are scaled
             by √(n_eff / n_ref), n_eff = (Σm)²/Σm² over the body, so that per-atom steps
@@ -180,6 +189,7 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         body = _weigh_body(_atoms_in(plain.body, atoms, uses), body_mass, diag) if plain is not None else []
         if body:
             _weigh_position_tables(atoms, uses, scales.live, diag)
+            _weigh_tied_head_norm(atoms, uses, cap, scales, diag)
             _read_body_in_quadrature(body, body_reference, diag)
             if body_profile == "flat":
                 _flatten_body(body, uses, plain, D, diag)
@@ -368,6 +378,71 @@ def _weigh_position_tables(atoms: dict[str, Atom], uses: dict[str, list[tuple[At
         if all(u is not None and _fixed_rows(u, live) for _, _, u in specs):
             atom.mass = POSITION_TABLE_MASS
             atom.note = f"{atom.note}; read at fixed indices (a position table): mass {POSITION_TABLE_MASS:g}"
+
+
+#: Ops a head's input may pass through between the normalisation and the head: they change
+#: neither the activation's meaning nor its scale.
+_HEAD_PASSTHROUGH = frozenset({"to", "type", "type_as", "float", "half", "bfloat16", "contiguous", "clone",
+                               "detach", "alias", "view", "reshape", "dropout", "identity", "_to_copy"})
+
+
+def _weigh_tied_head_norm(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
+                          cap: Captured, scales: Scales, diag: Diagnostics) -> None:
+    """The gains and biases applied to the activation that a tied head reads (the final or
+    head-transform LayerNorm in front of a table shared with the token embedding) take
+    `TIED_HEAD_NORM_MASS`.
+
+    Why: a tied table is sized in the embedding's norm and moves at the embedding's budget,
+    which rule 3 keeps small (its head use counts S·√d); the logits' scale and offset then
+    move mostly through the gain and bias in front of the head. With a gain's mass (0.1)
+    16-layer BERT stayed 0.014 / 0.009 behind AdamW; three times it gained 0.010 / 0.009 over
+    16 seeds, lowered the held-out loss at 4 and 8 layers too, and cost GPT-2 at most 0.003
+    train / 0.006 held-out (docs/concepts.md §5, rule 9)."""
+    owners: dict[fx.Node, set[str]] = {}
+    for name, specs in uses.items():
+        atom = atoms.get(name)
+        if atom is not None and atom.kind in ("gain", "bias"):
+            for _, node, _ in specs:
+                owners.setdefault(node, set()).add(name)
+    found: dict[str, str] = {}
+    for name in diag.tied:
+        atom = atoms.get(name)
+        if atom is None or atom.kind != "embedding":
+            continue
+        for _, _, u in uses.get(name, []):
+            if u is None or u.op not in MATRIX_OPS:
+                continue
+            for key, x in u.args.items():
+                if key != u.key and isinstance(x, fx.Node) and x in scales.live and x not in scales.weights:
+                    for g in _gains_in_front(x, owners, cap, scales):
+                        found.setdefault(g, name)
+    for g, table in found.items():
+        atoms[g].mass = TIED_HEAD_NORM_MASS
+        atoms[g].note = f"{atoms[g].note}; in front of the tied head {table}: mass {TIED_HEAD_NORM_MASS:g}"
+    if found:
+        diag.notes.append(f"tied head: {', '.join(found)} (in front of {', '.join(sorted(set(found.values())))}) "
+                          f"take mass {TIED_HEAD_NORM_MASS:g}")
+
+
+def _gains_in_front(x: fx.Node, owners: dict[fx.Node, set[str]], cap: Captured, scales: Scales) -> list[str]:
+    """The gain and bias atoms applied to `x` on its way from the last normalisation (or the
+    last op that is neither a gain/bias use nor a passthrough): walking up one signal
+    operand at a time."""
+    found: list[str] = []
+    seen: set[fx.Node] = set()
+    while x not in seen:
+        seen.add(x)
+        here = sorted(owners.get(x, ()))
+        found += here
+        op = ops.op_name(x, cap.modules)
+        if op in NORMALISATIONS:
+            break
+        signal = [i for _, i in ops.tensor_inputs(x)
+                  if i in scales.live and i not in scales.weights and not is_integer(i)]
+        if len(signal) != 1 or not (here or op in _HEAD_PASSTHROUGH):
+            break
+        x = signal[0]
+    return found
 
 
 def _fixed_rows(use: Use, live: set[fx.Node]) -> bool:

@@ -246,7 +246,7 @@ def atom_gain(use: Use, kind: str, S: Scales) -> float:
     """How far a unit step of an atom (in its own norm) moves its op's output: the scale of
     what the parameter multiplies. Embedding rows, biases and normalisation gains act on
     unit-scale quantities (1); a weight or an elementwise gain multiplies its op's data."""
-    if kind == "embedding" and use.op in _MATRIX_OPS and len(use.shape) == 2:
+    if kind == "embedding" and use.op in MATRIX_OPS and len(use.shape) == 2:
         return _read_as_matrix(use, S)
     if kind in ("embedding", "bias", "fallback") or use.op in NORMALISATIONS:
         return 1.0
@@ -259,7 +259,8 @@ def atom_gain(use: Use, kind: str, S: Scales) -> float:
     return gain
 
 
-_MATRIX_OPS = ("linear", "matmul", "mm", "addmm", "bmm", "einsum")
+#: Ops through which a parameter acts as a matrix on an activation (a tied table's head use).
+MATRIX_OPS = ("linear", "matmul", "mm", "addmm", "bmm", "einsum")
 
 
 def _read_as_matrix(use: Use, S: Scales) -> float:
