@@ -33,7 +33,7 @@ from . import ops
 from .rules import (ATOM_RULES, PARAM_FLOW,
                     AtomSpec, BondInput, Use, bond_sensitivity, module_entry)
 from .residual import Residuals, residuals
-from .scale import MATRIX_OPS, NORMALISATIONS, SUMS, Scales, atom_gain, is_integer, scaled_bond
+from .scale import MATRIX_OPS, NORMALISATIONS, SCALE_PASSTHROUGH, SUMS, Scales, atom_gain, is_integer, scaled_bond
 from .trace import Captured, capture
 from .wrappers import analysable
 
@@ -380,10 +380,9 @@ def _weigh_position_tables(atoms: dict[str, Atom], uses: dict[str, list[tuple[At
             atom.note = f"{atom.note}; read at fixed indices (a position table): mass {POSITION_TABLE_MASS:g}"
 
 
-#: Ops a head's input may pass through between the normalisation and the head: they change
-#: neither the activation's meaning nor its scale.
-_HEAD_PASSTHROUGH = frozenset({"to", "type", "type_as", "float", "half", "bfloat16", "contiguous", "clone",
-                               "detach", "alias", "view", "reshape", "dropout", "identity", "_to_copy"})
+#: Ops a head's input may pass through between the normalisation and the head: casts and
+#: views, and dropout (the identity at evaluation).
+_HEAD_PASSTHROUGH = SCALE_PASSTHROUGH | {"dropout", "identity", "_to_copy"}
 
 
 def _weigh_tied_head_norm(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],

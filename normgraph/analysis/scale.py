@@ -209,7 +209,7 @@ class Scales:
             return 1.0
         if node not in self.live:  # a constant: keep a known size through casts and views
             src = node.args[0] if node.args else None
-            if ops.op_name(node, self.modules) in _CONSTANT_PASSTHROUGH and isinstance(src, fx.Node):
+            if ops.op_name(node, self.modules) in SCALE_PASSTHROUGH and isinstance(src, fx.Node):
                 return self.value.get(src, 1.0)
             return 1.0
         if is_integer(node):
@@ -222,8 +222,9 @@ class Scales:
         return max(inputs, default=1.0)
 
 
-_CONSTANT_PASSTHROUGH = {"to", "type", "type_as", "float", "half", "bfloat16", "contiguous", "clone",
-                         "detach", "alias", "view", "reshape", "expand", "unsqueeze", "squeeze"}
+#: Ops that keep an activation's values (casts, copies, views): its scale passes through them.
+SCALE_PASSTHROUGH = frozenset({"to", "type", "type_as", "float", "half", "bfloat16", "contiguous", "clone",
+                               "detach", "alias", "view", "reshape", "expand", "unsqueeze", "squeeze"})
 
 
 def is_integer(node: fx.Node) -> bool:
