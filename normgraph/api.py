@@ -28,6 +28,7 @@ from .optim.optimizer import NormGraphOptimizer
 
 def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: dict[str, Any] | None = None, *,  # noqa: A001
             lr: float = 0.25, momentum: float = 0.95, nesterov: bool = True, weight_decay: float | str = "auto",
+            row_confidence: bool = False,
             orthogonalizer: str = "newton-schulz", ns_steps: int = 5, ns_coefficients: str | Sequence = DEFAULT_SCHEDULE,
             annotations: NormGraph | str | os.PathLike | None = None, masses: dict[str, float] | None = None,
             compute_dtype: torch.dtype | None = None, ns_method: str = "auto", compile_mode: str = "default",
@@ -49,6 +50,11 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
     else, and for every parameter of a network without residuals); a number gives every parameter that decay
     (0.0 turns it off). Either way one parameter's can be changed later with
     ``opt.group(name)["weight_decay"] = ...``.
+
+    `row_confidence=True` (opt-in) scales each row of an embedding's update by that row's
+    signal ratio over the largest (`optim.functional.row_confidences`, docs/concepts.md §7:
+    it helps GPT-2 and Llama and costs BERT at 4 and 8 layers). The default, False, gives
+    every row of an embedding the full budget (the plain duality map).
 
     A `DistributedDataParallel` model is analysed through its `.module` (names, masses and
     annotations work with or without the "module." prefix), and by default (`shard_map=None`)
@@ -75,7 +81,8 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
             norm_graph = _without_prefix(norm_graph, WRAPPER_PREFIX)
         check_against(norm_graph, inner)  # lists every mismatch with the model at once
     return NormGraphOptimizer(inner, norm_graph, lr=lr, momentum=momentum, nesterov=nesterov,
-                              weight_decay=weight_decay, map_options=options, shard_map=shard_map,
+                              weight_decay=weight_decay, row_confidence=row_confidence, map_options=options,
+                              shard_map=shard_map,
                               process_group=group)
 
 

@@ -112,20 +112,32 @@ def getattr_param(model: nn.Module, name: str) -> torch.Tensor:
     return dict(model.named_parameters())[name].detach()
 
 
-def test_momentum_nesterov_and_weight_decay_follow_the_formulas() -> None:
+@pytest.mark.parametrize("row_confidence", [True, False])
+def test_momentum_nesterov_and_weight_decay_follow_the_formulas(row_confidence: bool) -> None:
     torch.manual_seed(0)
     model, ng = Net().double(), norm_graph()
     lr, m, wd = 0.05, 0.9, 0.1
-    opt = NormGraphOptimizer(model, ng, lr=lr, momentum=m, nesterov=True, weight_decay=wd, orthogonalizer="svd", **EAGER)
+    opt = NormGraphOptimizer(model, ng, lr=lr, momentum=m, nesterov=True, weight_decay=wd, orthogonalizer="svd",
+                             row_confidence=row_confidence, **EAGER)
     bufs = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for seed in range(2):
+    mean_sq = {n: 0.0 for n in bufs}
+    for seed in range(3):
         opt.zero_grad()
         backward(model, seed)
         expect = {}
         for n, p in model.named_parameters():
             bufs[n] = m * bufs[n] + (1 - m) * p.grad
             direction = (1 - m) * p.grad + m * bufs[n]
-            expect[n] = p.detach() * (1 - lr * wd) - lr * dual.dualize_atom(ng.atoms[n], direction, orthogonalizer="svd")
+            update = dual.dualize_atom(ng.atoms[n], direction, orthogonalizer="svd")
+            if row_confidence and ng.atoms[n].kind == "embedding":
+                # signal ratio of each row: |EMA of g| over sqrt(EMA of g²), both divided by 1 − m^t
+                mean_sq[n] = m * mean_sq[n] + (1 - m) * (p.grad ** 2).mean(dim=1)
+                debias = 1 - m ** (seed + 1)
+                ratio = ((bufs[n] / debias) ** 2).mean(dim=1).sqrt() / (mean_sq[n] / debias).sqrt()
+                ratio = ratio.nan_to_num(0.0)  # a token never seen: no gradient, no step
+                assert bool((ratio <= 1 + 1e-12).all())
+                update = update * (ratio / ratio.max())[:, None]
+            expect[n] = p.detach() * (1 - lr * wd) - lr * update
         opt.step()
         for n, p in model.named_parameters():
             torch.testing.assert_close(p.detach(), expect[n], rtol=1e-10, atol=1e-10, msg=n)

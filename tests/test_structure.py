@@ -164,6 +164,29 @@ def test_functional_step_is_the_optimizer_step() -> None:
             torch.testing.assert_close(p.detach(), c, rtol=0, atol=0)
 
 
+def test_functional_step_with_row_moments_is_the_optimizer_step_on_an_embedding() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.tensor([[0, 1, 1, 3], [2, 2, 0, 1]])
+    opt = normgraph.compile(model, (x,), lr=0.05, momentum=0.9, row_confidence=True, compile_mode="eager")
+    params = [g["params"][0] for g in opt.param_groups]
+    copies = [p.detach().clone() for p in params]
+    buffers = [torch.zeros_like(p) for p in params]
+    moments = [torch.zeros(p.shape[0], dtype=p.dtype) if opt.atom(k).kind == "embedding" else None
+               for k, p in enumerate(params)]
+    assert sum(m is not None for m in moments) == 1
+    for step in range(1, 4):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        grads = [p.grad.clone() for p in params]
+        normgraph_step(copies, grads, buffers, opt.dualize, lrs=[0.05] * len(params), momenta=[0.9] * len(params),
+                       nesterovs=[True] * len(params), weight_decays=[g["weight_decay"] for g in opt.param_groups],
+                       row_moments=moments, row_steps=[step] * len(params))
+        opt.step()
+        for p, c in zip(params, copies):
+            torch.testing.assert_close(p.detach(), c, rtol=0, atol=0)
+
+
 def test_register_op_teaches_every_table_in_one_call() -> None:
     from normgraph.analysis import ops, rules, scale
     from normgraph.analysis.rules import AtomSpec

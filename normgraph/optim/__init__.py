@@ -1,5 +1,6 @@
 """The optimizer: a torch.optim.Optimizer around the generated map, over a functional core."""
-from .functional import all_finite, apply_updates, momentum_directions, normgraph_step
+from .functional import all_finite, apply_updates, momentum_directions, normgraph_step, row_confidences, scale_rows
 from .optimizer import NormGraphOptimizer
 
-__all__ = ["NormGraphOptimizer", "normgraph_step", "momentum_directions", "apply_updates", "all_finite"]
+__all__ = ["NormGraphOptimizer", "normgraph_step", "momentum_directions", "row_confidences", "scale_rows",
+           "apply_updates", "all_finite"]

@@ -3,6 +3,7 @@ functional cores are), so a distributed executor or another training loop can re
 
     directions = momentum_directions(grads, buffers, momenta, nesterovs)
     updates = dualize(directions)               # any map: list in, list out, same order
+    updates = scale_rows(updates, row_confidences(grads, buffers, row_moments, momenta, steps))  # opt-in
     apply_updates(params, updates, lrs, weight_decays)
 
 None of these reads optimizer state or param groups; `NormGraphOptimizer.step` gathers
@@ -83,9 +84,60 @@ def apply_updates(params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor
         torch._foreach_add_([params[k] for k in idx], [updates[k] for k in idx], alpha=-lr)
 
 
+def row_confidences(grads: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor | None],
+                    row_moments: Sequence[torch.Tensor | None], momenta: Sequence[float], steps: Sequence[int],
+                    global_max: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+    """Per-row factors in [0, 1] for the tensors that have a row moment (None elsewhere).
+
+    A row-normalised dual (an embedding, ℓ1→RMS) moves every row by the full budget, whether
+    that row's gradient is signal or noise. Row r's signal ratio is ρ_r = ‖m̂_r‖ / √v̂_r, the
+    RMS of its momentum over the root of its mean-square gradient, both EMAs with the
+    momentum's own m and bias corrected (so ρ ≤ 1, and ρ = 1 for a gradient that never
+    changes). The factor is ρ_r / max ρ: the most consistent row still moves by the budget, so
+    the update's ℓ1→RMS norm (its largest row RMS) is unchanged.
+
+    Call after `momentum_directions` (the buffers hold this step's gradient); `row_moments`
+    (one float per row, zeros at first) are updated in place and `steps` count this step.
+    `global_max` reduces the stacked per-tensor maxima across ranks when rows are sharded.
+    """
+    out: list[torch.Tensor | None] = [None] * len(grads)
+    idx = [k for k, v in enumerate(row_moments) if v is not None and buffers[k] is not None and momenta[k]]
+    if not idx:
+        return out
+    ratios = []
+    for k in idx:
+        m, rows, moment = float(momenta[k]), grads[k].shape[0], row_moments[k]
+        moment.lerp_(grads[k].reshape(rows, -1).to(moment.dtype).square().mean(1), 1 - m)
+        signal = buffers[k].reshape(rows, -1).to(moment.dtype).square().mean(1)
+        # buffer and moment both sum weights 1 − m^t: ρ² = (buf/(1−m^t))² / (v/(1−m^t))
+        ratio = (signal / (moment * (1 - m ** steps[k]))).sqrt().nan_to_num(0.0).clamp_(max=1.0)
+        ratios.append(ratio)
+    maxima = torch.stack([r.max() if r.numel() else r.new_zeros(()) for r in ratios])
+    if global_max is not None:
+        maxima = global_max(maxima)
+    for k, ratio, top in zip(idx, ratios, maxima.unbind()):
+        out[k] = ratio / top.clamp_min(torch.finfo(ratio.dtype).tiny)
+    return out
+
+
+def scale_rows(updates: Sequence[torch.Tensor], factors: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Each update with a factor has its rows multiplied by it (the others pass through)."""
+    return [u if f is None else u * f.to(u.dtype).reshape(-1, *([1] * (u.ndim - 1)))
+            for u, f in zip(updates, factors)]
+
+
 def normgraph_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                    buffers: Sequence[torch.Tensor | None], dualize: DualityMapFn, *, lrs: Sequence[float],
-                   momenta: Sequence[float], nesterovs: Sequence[bool], weight_decays: Sequence[float]) -> None:
-    """One step: momentum → duality map → decayed update, over aligned lists."""
+                   momenta: Sequence[float], nesterovs: Sequence[bool], weight_decays: Sequence[float],
+                   row_moments: Sequence[torch.Tensor | None] | None = None, row_steps: Sequence[int] | None = None,
+                   global_max: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    """One step: momentum → duality map → (rows by confidence) → decayed update, over aligned
+    lists. `row_moments`/`row_steps` (see `row_confidences`) are optional: without them the
+    step is the plain map."""
     directions = momentum_directions(grads, buffers, momenta, nesterovs)
-    apply_updates(params, dualize(directions), lrs, weight_decays)
+    updates = dualize(directions)
+    if row_moments is not None:
+        if row_steps is None:
+            raise ValueError("row_moments needs row_steps (this step's count per tensor)")
+        updates = scale_rows(updates, row_confidences(grads, buffers, row_moments, momenta, row_steps, global_max))
+    apply_updates(params, updates, lrs, weight_decays)

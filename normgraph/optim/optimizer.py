@@ -1,7 +1,8 @@
 """The optimizer around the generated duality map.
 
 One step: EMA momentum (optionally Nesterov) → the generated duality map (every atom's
-update has norm `budget` in its own norm) → W ← W·(1 − lr·wd) − lr·update, where wd is
+update has norm `budget` in its own norm) → with `row_confidence=True`, embedding rows scaled
+by their confidence (`functional.row_confidences`) → W ← W·(1 − lr·wd) − lr·update, where wd is
 each atom's own `decay` (`weight_decay="auto"`, the default: the analysis gives the matrices
 inside residual branches `BODY_DECAY` and every other atom 0) or one number for every atom.
 
@@ -38,6 +39,13 @@ class NormGraphOptimizer(torch.optim.Optimizer):
     over the ranks of `process_group`, see `optim.sharded`), `last_step_skipped` (True when the last step saw a
     non-finite gradient and changed nothing), `skipped_steps` (how many such steps so far).
 
+    `row_confidence=True` (a param-group key; opt-in, default False): the rows of a
+    row-normalised atom (embedding tables) are scaled by their signal ratio over the largest
+    one's, so a row whose gradient is mostly noise moves less than one whose gradient is
+    consistent; the update's norm (its largest row) stays the budget. State per such
+    parameter: `row_moment` (one float per row, at least fp32) and `row_step`. Without
+    momentum there is no ratio and no scaling.
+
     Parameters whose `grad` is None in a step (frozen, unused) are left exactly as they
     are, weight decay included; the map for that subset of atoms is generated once and
     cached. Budgets, shapes, dtypes, devices and map options are baked into the generated
@@ -47,7 +55,7 @@ class NormGraphOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]], norm_graph: NormGraph, *,
                  lr: float = 0.25, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float | str = "auto",
+                 weight_decay: float | str = "auto", row_confidence: bool = False,
                  map_options: MapOptions | None = None, shard_map: bool = False,
                  process_group: Any = None, **options: Any) -> None:
         auto = isinstance(weight_decay, str)
@@ -69,7 +77,7 @@ class NormGraphOptimizer(torch.optim.Optimizer):
             raise ValueError("no trainable parameter of the model has an atom in the norm graph; "
                              "re-run normgraph.analyze(model) on this model")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0 if auto else weight_decay,
-                        map_options=map_opts.to_dict())
+                        row_confidence=bool(row_confidence), map_options=map_opts.to_dict())
         super().__init__(groups, defaults)
         self.last_step_skipped = False
         self.skipped_steps = 0
@@ -143,6 +151,7 @@ class NormGraphOptimizer(torch.optim.Optimizer):
                 MapOptions.from_dict(g["map_options"])
             else:  # saved before map options were kept in the state dict: keep ours
                 g["map_options"] = self.map_options.to_dict()
+            g.setdefault("row_confidence", False)  # saved before row confidence: the step it was taking
         state_dict = {**state_dict, "param_groups": saved}
         if names != mine:  # same parameters, another order: reorder the saved groups to ours
             by_name = {g["name"]: g for g in saved}
@@ -226,11 +235,41 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         if not self._agreed_finite(grads):
             self._skip([g["name"] for g, gr in zip(groups, grads) if not torch.isfinite(gr).all()])
             return loss
+        moments, steps = self._row_moments(live, groups, params, grads)
         F.normgraph_step(params, grads, buffers, dualize,
                          lrs=[g["lr"] for g in groups], momenta=[g["momentum"] for g in groups],
                          nesterovs=[bool(g["nesterov"]) for g in groups],
-                         weight_decays=[g["weight_decay"] for g in groups])
+                         weight_decays=[g["weight_decay"] for g in groups],
+                         row_moments=moments, row_steps=steps,
+                         global_max=self._global_max if self.row_sharded else None)
         return loss
+
+    def _row_moments(self, live: list[int], groups: list[dict[str, Any]], params: list[torch.Tensor],
+                     grads: list[torch.Tensor]) -> tuple[list[torch.Tensor | None], list[int]]:
+        """Row moments (created as zeros) and this step's count for the row-normalised atoms
+        with `row_confidence` and momentum; None for the rest. Runs only on steps taken."""
+        moments: list[torch.Tensor | None] = []
+        steps: list[int] = []
+        for i, g, p, grad in zip(live, groups, params, grads):
+            if not (g.get("row_confidence") and g["momentum"] and self.atom(i).dual == "row_normalize"):
+                moments.append(None)
+                steps.append(0)
+                continue
+            param = g["params"][0]
+            state = self.state[param]
+            if "row_moment" not in state:
+                state["row_moment"] = _row_vector(param, grad)
+                state["row_step"] = 0
+            state["row_step"] += 1
+            moments.append(_local(state["row_moment"]))
+            steps.append(state["row_step"])
+        return moments, steps
+
+    def _global_max(self, maxima: torch.Tensor) -> torch.Tensor:
+        """FSDP2: each rank holds some rows; the largest ratio is over all of them."""
+        maxima = maxima.clone()
+        torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX, group=self.process_group)
+        return maxima
 
     def _agreed_finite(self, grads: list[torch.Tensor]) -> bool:
         """All gradients finite, on every rank (each sees only its shards under FSDP2, and all
@@ -273,6 +312,19 @@ class NormGraphOptimizer(torch.optim.Optimizer):
 def _any_dtensor(tensors: list[torch.Tensor]) -> bool:
     from torch.distributed.tensor import DTensor
     return any(isinstance(t, DTensor) for t in tensors)
+
+
+def _row_vector(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Zeros, one per row of `param` (at least fp32: bf16 gradients get fp32 moments). For an
+    FSDP2 parameter a DTensor sharded as its rows are, so distributed checkpoints save it
+    like the momentum buffer; `grad` is the local gradient (this rank's rows)."""
+    wide = torch.promote_types(grad.dtype, torch.float32)
+    local = torch.zeros(grad.shape[0], dtype=wide, device=grad.device)
+    if not _any_dtensor([param]):
+        return local
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                              shape=torch.Size([param.shape[0]]), stride=(1,))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
