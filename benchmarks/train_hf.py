@@ -62,7 +62,7 @@ def loss_of(model: torch.nn.Module, name: str, x: torch.Tensor, y: torch.Tensor,
 
 def make_opt(kind: str, model: torch.nn.Module, lr: float | None, example: torch.Tensor, adam_lr: float,
              mode: str, masses: dict[str, float] | None = None, kinds: dict[str, str] | None = None,
-             body_profile: str = "flat", row_confidence: bool = False):
+             body_profile: str = "flat", row_confidence: bool | str = "auto"):
     if kind == "normgraph":
         import normgraph
         kw = {} if lr is None else {"lr": lr}
@@ -89,8 +89,8 @@ def run(args: argparse.Namespace, kind: str, lr: float | None, corpus: Corpus) -
     example = next(corpus.batches(args.batch, args.block, seed=args.seed))[0][:2]
     masses = {k: float(v) for k, v in (item.split("=") for item in args.masses)} or None
     kinds = dict(item.split("=") for item in args.kinds) or None
-    opt = make_opt(kind, model, lr, example, args.adam_lr, args.sensitivity, masses, kinds, args.body_profile,
-                   args.row_confidence)
+    rows = {"auto": "auto", "all": True, "none": False}[args.row_confidence]
+    opt = make_opt(kind, model, lr, example, args.adam_lr, args.sensitivity, masses, kinds, args.body_profile, rows)
     opts = opt if isinstance(opt, list) else [opt]
     groups = [g for o in opts for g in o.param_groups]
     for g in groups:
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="normgraph masses by module prefix, e.g. transformer.wte=0.25")
     p.add_argument("--kinds", nargs="*", default=[], metavar="PARAM=KIND",
                    help="normgraph kind overrides, e.g. transformer.wte.weight=linear")
-    p.add_argument("--row-confidence", action="store_true",
-                   help="normgraph's opt-in row_confidence=True (embedding rows by signal ratio)")
+    p.add_argument("--row-confidence", default="auto", choices=("auto", "all", "none"),
+                   help="normgraph's row_confidence: auto (untied tables, the default), all (True), none (False)")
     p.add_argument("--runs", nargs="+", required=True,
                    help="optimizer:lr1,lr2,... with optimizer in normgraph, adamw, muon ('default' = compile's lr)")
     args = p.parse_args(argv)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     corpus = Corpus.load()
     print(f"# {args.model} layers={args.layers} width={args.width} steps={args.steps} "
           f"batch={args.batch}x{args.block} seed={args.seed} threads={torch.get_num_threads()}"
-          + (" row_confidence=True" if args.row_confidence else ""), flush=True)
+          + ("" if args.row_confidence == "auto" else f" row_confidence={args.row_confidence}"), flush=True)
     print("optimizer  lr       train   held-out  seconds", flush=True)
     for spec in args.runs:
         kind, lrs = spec.split(":")

@@ -28,7 +28,7 @@ from .optim.optimizer import NormGraphOptimizer
 
 def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: dict[str, Any] | None = None, *,  # noqa: A001
             lr: float = 0.25, momentum: float = 0.95, nesterov: bool = True, weight_decay: float | str = "auto",
-            row_confidence: bool = False,
+            row_confidence: bool | str = "auto",
             orthogonalizer: str = "newton-schulz", ns_steps: int = 5, ns_coefficients: str | Sequence = DEFAULT_SCHEDULE,
             annotations: NormGraph | str | os.PathLike | None = None, masses: dict[str, float] | None = None,
             compute_dtype: torch.dtype | None = None, ns_method: str = "auto", compile_mode: str = "default",
@@ -51,10 +51,10 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
     (0.0 turns it off). Either way one parameter's can be changed later with
     ``opt.group(name)["weight_decay"] = ...``.
 
-    `row_confidence=True` (opt-in) scales each row of an embedding's update by that row's
-    signal ratio over the largest (`optim.functional.row_confidences`, docs/concepts.md §7:
-    it helps GPT-2 and Llama and costs BERT at 4 and 8 layers). The default, False, gives
-    every row of an embedding the full budget (the plain duality map).
+    `row_confidence` scales each row of an embedding's update by that row's signal ratio over
+    the largest (`optim.functional.row_confidences`, docs/concepts.md §7). "auto" (default):
+    for the tables not tied to another use (a tied LM head keeps the plain map); True: every
+    table; False: none (every row of an embedding moves by the full budget).
 
     A `DistributedDataParallel` model is analysed through its `.module` (names, masses and
     annotations work with or without the "module." prefix), and by default (`shard_map=None`)

@@ -1,11 +1,13 @@
-"""Embedding rows scaled by their confidence (`row_confidence=True`, opt-in; docs/concepts.md
-§7): the ratio is hand-derived, the update keeps its ℓ1→RMS norm, and the state round-trips."""
+"""Embedding rows scaled by their confidence (`row_confidence`, docs/concepts.md §7): the ratio
+is hand-derived, the update keeps its ℓ1→RMS norm, "auto" takes the untied tables, and the
+state round-trips."""
 from __future__ import annotations
 
 import copy
 import math
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -148,12 +150,31 @@ def test_a_skipped_step_leaves_the_row_moments() -> None:
     torch.testing.assert_close(opt.state[model.emb.weight]["row_moment"], moment, rtol=0, atol=0)
 
 
-def test_it_is_off_by_default_and_compile_passes_it_to_every_group() -> None:
-    model = TokenModel()
+class TiedModel(nn.Module):
+    """A token table that is also the output head, and an untied position table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(6, 8)
+        self.pos = nn.Embedding(4, 8)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok(tokens) + self.pos(torch.arange(tokens.shape[-1]))
+        return h @ self.tok.weight.t()
+
+
+def test_auto_takes_the_untied_tables_and_compile_passes_every_choice_on() -> None:
+    model = TiedModel()
     example = (torch.tensor([[0, 1, 2, 3]]),)
-    assert not any(g["row_confidence"] for g in normgraph.compile(model, example, **EAGER).param_groups)
-    on = normgraph.compile(model, example, row_confidence=True, **EAGER)
-    assert all(g["row_confidence"] for g in on.param_groups)
+
+    def chosen(**kw):
+        return {g["name"]: g["row_confidence"] for g in normgraph.compile(model, example, **EAGER, **kw).param_groups}
+    assert chosen() == {"tok.weight": False, "pos.weight": True}  # the default: "auto"
+    assert "tok.weight" in normgraph.analyze(model, example).diagnostics.tied
+    assert chosen(row_confidence=True) == {"tok.weight": True, "pos.weight": True}
+    assert chosen(row_confidence=False) == {"tok.weight": False, "pos.weight": False}
+    with pytest.raises(ValueError, match="row_confidence='yes'"):
+        normgraph.compile(model, example, row_confidence="yes", **EAGER)
 
 
 def test_one_table_can_be_switched_at_run_time() -> None:
@@ -162,3 +183,11 @@ def test_one_table_can_be_switched_at_run_time() -> None:
     feed(model, 0)
     opt.step()
     assert opt.state[model.emb.weight]["row_step"] == 1
+
+
+def test_auto_reads_the_tied_tables_from_saved_annotations(tmp_path) -> None:
+    model = TiedModel()
+    ng = normgraph.analyze(model, (torch.tensor([[0, 1, 2, 3]]),))
+    ng.save(tmp_path / "ng.json")
+    opt = normgraph.compile(model, annotations=tmp_path / "ng.json", **EAGER)
+    assert {g["name"]: g["row_confidence"] for g in opt.param_groups} == {"tok.weight": False, "pos.weight": True}

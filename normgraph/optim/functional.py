@@ -3,7 +3,7 @@ functional cores are), so a distributed executor or another training loop can re
 
     directions = momentum_directions(grads, buffers, momenta, nesterovs)
     updates = dualize(directions)               # any map: list in, list out, same order
-    updates = scale_rows(updates, row_confidences(grads, buffers, row_moments, momenta, steps))  # opt-in
+    updates = scale_rows(updates, row_confidences(grads, buffers, row_moments, momenta, steps))  # embeddings
     apply_updates(params, updates, lrs, weight_decays)
 
 None of these reads optimizer state or param groups; `NormGraphOptimizer.step` gathers

@@ -1,10 +1,11 @@
 """The optimizer around the generated duality map.
 
 One step: EMA momentum (optionally Nesterov) → the generated duality map (every atom's
-update has norm `budget` in its own norm) → with `row_confidence=True`, embedding rows scaled
-by their confidence (`functional.row_confidences`) → W ← W·(1 − lr·wd) − lr·update, where wd is
-each atom's own `decay` (`weight_decay="auto"`, the default: the analysis gives the matrices
-inside residual branches `BODY_DECAY` and every other atom 0) or one number for every atom.
+update has norm `budget` in its own norm) → the rows of untied embedding tables scaled by
+their confidence (`row_confidence`, `functional.row_confidences`) → W ← W·(1 − lr·wd) −
+lr·update, where wd is each atom's own `decay` (`weight_decay="auto"`, the default: the
+analysis gives the matrices inside residual branches `BODY_DECAY` and every other atom 0) or
+one number for every atom.
 
 Parameter groups: one group per parameter, in atom order, each carrying the parameter's
 `name`, so the modular-norm budget (baked into the map) and the step size (the group's
@@ -39,12 +40,13 @@ class NormGraphOptimizer(torch.optim.Optimizer):
     over the ranks of `process_group`, see `optim.sharded`), `last_step_skipped` (True when the last step saw a
     non-finite gradient and changed nothing), `skipped_steps` (how many such steps so far).
 
-    `row_confidence=True` (a param-group key; opt-in, default False): the rows of a
-    row-normalised atom (embedding tables) are scaled by their signal ratio over the largest
-    one's, so a row whose gradient is mostly noise moves less than one whose gradient is
-    consistent; the update's norm (its largest row) stays the budget. State per such
-    parameter: `row_moment` (one float per row, at least fp32) and `row_step`. Without
-    momentum there is no ratio and no scaling.
+    `row_confidence` (a bool param-group key): the rows of a row-normalised atom (an
+    embedding table) are scaled by their signal ratio over the largest one's, so a row whose
+    gradient is mostly noise moves less than one whose gradient is consistent; the update's
+    norm (its largest row) stays the budget. "auto" (default) turns it on for the tables not
+    tied to another use (`norm_graph.diagnostics.tied`: a tied LM head), True for every
+    table, False for none. State per such parameter: `row_moment` (one float per row, at
+    least fp32) and `row_step`. Without momentum there is no ratio and no scaling.
 
     Parameters whose `grad` is None in a step (frozen, unused) are left exactly as they
     are, weight decay included; the map for that subset of atoms is generated once and
@@ -55,7 +57,7 @@ class NormGraphOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]], norm_graph: NormGraph, *,
                  lr: float = 0.25, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float | str = "auto", row_confidence: bool = False,
+                 weight_decay: float | str = "auto", row_confidence: bool | str = "auto",
                  map_options: MapOptions | None = None, shard_map: bool = False,
                  process_group: Any = None, **options: Any) -> None:
         auto = isinstance(weight_decay, str)
@@ -66,18 +68,24 @@ class NormGraphOptimizer(torch.optim.Optimizer):
                 and (auto or (math.isfinite(weight_decay) and weight_decay >= 0))):
             raise ValueError(f"need a finite lr >= 0, 0 <= momentum < 1, a finite weight_decay >= 0 or 'auto'; "
                              f"got lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
+        if row_confidence not in (True, False, "auto"):
+            raise ValueError(f"row_confidence={row_confidence!r}: expected 'auto' (the tables not tied to "
+                             "another use), True (every row-normalised table) or False (none)")
         self._auto_decay = auto  # `add_param_group` (also run by Optimizer.__init__) reads it
         map_opts = options_from(map_options, options)  # validates every option now, not at the first step
         if isinstance(params, torch.nn.Module):
             params = unwrap_data_parallel(params)  # names as the analysis sees them (no "module.")
         named = dict(params.named_parameters() if isinstance(params, torch.nn.Module) else params)
         self.norm_graph = norm_graph
-        groups = [{"params": [p], "name": name} for name, p in _trainable(named, norm_graph)]
+        groups = [{"params": [p], "name": name,
+                   "row_confidence": (name not in norm_graph.diagnostics.tied if row_confidence == "auto"
+                                      else bool(row_confidence))}
+                  for name, p in _trainable(named, norm_graph)]
         if not groups:
             raise ValueError("no trainable parameter of the model has an atom in the norm graph; "
                              "re-run normgraph.analyze(model) on this model")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0 if auto else weight_decay,
-                        row_confidence=bool(row_confidence), map_options=map_opts.to_dict())
+                        row_confidence=False, map_options=map_opts.to_dict())
         super().__init__(groups, defaults)
         self.last_step_skipped = False
         self.skipped_steps = 0
