@@ -243,7 +243,7 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         if not self._agreed_finite(grads):
             self._skip([g["name"] for g, gr in zip(groups, grads) if not torch.isfinite(gr).all()])
             return loss
-        moments, steps = self._row_moments(live, groups, params, grads)
+        moments, steps = self._row_moments(live, groups, grads)
         F.normgraph_step(params, grads, buffers, dualize,
                          lrs=[g["lr"] for g in groups], momenta=[g["momentum"] for g in groups],
                          nesterovs=[bool(g["nesterov"]) for g in groups],
@@ -252,13 +252,13 @@ class NormGraphOptimizer(torch.optim.Optimizer):
                          global_max=self._global_max if self.row_sharded else None)
         return loss
 
-    def _row_moments(self, live: list[int], groups: list[dict[str, Any]], params: list[torch.Tensor],
+    def _row_moments(self, live: list[int], groups: list[dict[str, Any]],
                      grads: list[torch.Tensor]) -> tuple[list[torch.Tensor | None], list[int]]:
         """Row moments (created as zeros) and this step's count for the row-normalised atoms
         with `row_confidence` and momentum; None for the rest. Runs only on steps taken."""
         moments: list[torch.Tensor | None] = []
         steps: list[int] = []
-        for i, g, p, grad in zip(live, groups, params, grads):
+        for i, g, grad in zip(live, groups, grads):
             if not (g.get("row_confidence") and g["momentum"] and self.atom(i).dual == "row_normalize"):
                 moments.append(None)
                 steps.append(0)
