@@ -191,3 +191,17 @@ def test_auto_reads_the_tied_tables_from_saved_annotations(tmp_path) -> None:
     ng.save(tmp_path / "ng.json")
     opt = normgraph.compile(model, annotations=tmp_path / "ng.json", **EAGER)
     assert {g["name"]: g["row_confidence"] for g in opt.param_groups} == {"tok.weight": False, "pos.weight": True}
+
+
+def test_bf16_tables_keep_fp32_moments_and_finite_steps() -> None:
+    torch.manual_seed(0)
+    model = TokenModel().to(torch.bfloat16)
+    tokens = torch.tensor([[0, 1, 2, 3]])
+    opt = normgraph.compile(model, (tokens,), lr=0.1, **EAGER)
+    for _ in range(3):
+        opt.zero_grad()
+        model(tokens).float().square().mean().backward()
+        opt.step()
+    state = opt.state[model.emb.weight]
+    assert state["row_moment"].dtype == torch.float32 and state["row_step"] == 3
+    assert torch.isfinite(model.emb.weight.float()).all()
