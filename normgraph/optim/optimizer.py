@@ -40,8 +40,8 @@ class NormGraphOptimizer(torch.optim.Optimizer):
     over the ranks of `process_group`, see `optim.sharded`), `last_step_skipped` (True when the last step saw a
     non-finite gradient and changed nothing), `skipped_steps` (how many such steps so far).
 
-    `row_confidence` (a bool param-group key): the rows of a row-normalised atom (an
-    embedding table) are scaled by their signal ratio over the largest one's, so a row whose
+    `row_confidence` (a bool param-group key, True only on embedding tables the choice
+    takes): the rows of a row-normalised atom (an embedding table) are scaled by their signal ratio over the largest one's, so a row whose
     gradient is mostly noise moves less than one whose gradient is consistent; the update's
     norm (its largest row) stays the budget. "auto" (default) turns it on for the tables not
     tied to another use (`norm_graph.diagnostics.tied`: a tied LM head), True for every
@@ -77,9 +77,7 @@ class NormGraphOptimizer(torch.optim.Optimizer):
             params = unwrap_data_parallel(params)  # names as the analysis sees them (no "module.")
         named = dict(params.named_parameters() if isinstance(params, torch.nn.Module) else params)
         self.norm_graph = norm_graph
-        groups = [{"params": [p], "name": name,
-                   "row_confidence": (name not in norm_graph.diagnostics.tied if row_confidence == "auto"
-                                      else bool(row_confidence))}
+        groups = [{"params": [p], "name": name, "row_confidence": _rows_scaled(name, norm_graph, row_confidence)}
                   for name, p in _trainable(named, norm_graph)]
         if not groups:
             raise ValueError("no trainable parameter of the model has an atom in the norm graph; "
@@ -244,6 +242,8 @@ class NormGraphOptimizer(torch.optim.Optimizer):
             self._skip([g["name"] for g, gr in zip(groups, grads) if not torch.isfinite(gr).all()])
             return loss
         moments, steps = self._row_moments(live, groups, grads)
+        if not any(m is not None for m in moments):
+            moments = None  # no table scales its rows this step: the plain step
         F.normgraph_step(params, grads, buffers, dualize,
                          lrs=[g["lr"] for g in groups], momenta=[g["momentum"] for g in groups],
                          nesterovs=[bool(g["nesterov"]) for g in groups],
@@ -274,8 +274,8 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         return moments, steps
 
     def _global_max(self, maxima: torch.Tensor) -> torch.Tensor:
-        """FSDP2: each rank holds some rows; the largest ratio is over all of them."""
-        maxima = maxima.clone()
+        """FSDP2: each rank holds some rows; the largest ratio is over all of them. `maxima` is
+        the fresh stack `row_confidences` built, so it is reduced in place."""
         torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX, group=self.process_group)
         return maxima
 
@@ -320,6 +320,14 @@ class NormGraphOptimizer(torch.optim.Optimizer):
 def _any_dtensor(tensors: list[torch.Tensor]) -> bool:
     from torch.distributed.tensor import DTensor
     return any(isinstance(t, DTensor) for t in tensors)
+
+
+def _rows_scaled(name: str, ng: NormGraph, choice: bool | str) -> bool:
+    """The `row_confidence` group key: on for row-normalised atoms (embedding tables) that the
+    choice takes ("auto": the ones not tied to another use), off for every other atom."""
+    if ng.atoms[name].dual != "row_normalize":
+        return False
+    return name not in ng.diagnostics.tied if choice == "auto" else bool(choice)
 
 
 def _row_vector(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
