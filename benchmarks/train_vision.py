@@ -92,7 +92,7 @@ def run(args: argparse.Namespace, kind: str, lr: float, data, seed: int) -> tupl
         import normgraph
         opt = normgraph.compile(model, (xtr[:4],), lr=lr, compile_mode="eager", sensitivity=args.sensitivity,
                                 body_decay=args.body_decay, body_profile=args.body_profile,
-                                stems=args.stems == "on")
+                                stems=args.stems == "on", channel_convs=args.channel_convs == "on")
     elif kind == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     else:
@@ -141,6 +141,8 @@ def main() -> None:
                    help="normgraph's budgets along the residual body (analyze's body_profile)")
     p.add_argument("--stems", default="on", choices=("on", "off"),
                    help="a conv reading the pixels as a stem, moved entrywise (analyze's stems; rule 8)")
+    p.add_argument("--channel-convs", default="on", choices=("on", "off"),
+                   help="a conv read only by a BatchNorm, moved per output channel (analyze's channel_convs; rule 10)")
     p.add_argument("--runs", nargs="+", required=True, help="optimizer:lr1,lr2 (normgraph, adamw, muon)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")

@@ -54,7 +54,8 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
     `row_confidence` scales each row of an embedding's update by that row's signal ratio over
     the largest (`optim.functional.row_confidences`, docs/concepts.md §7). "auto" (default):
     for the tables not tied to another use (a tied LM head keeps the plain map); True: every
-    table; False: none (every row of an embedding moves by the full budget).
+    row-normalised atom (tables, and `channel_conv` filters); False: none (every row of an
+    embedding moves by the full budget).
 
     A `DistributedDataParallel` model is analysed through its `.module` (names, masses and
     annotations work with or without the "module." prefix), and by default (`shard_map=None`)

@@ -40,12 +40,12 @@ class NormGraphOptimizer(torch.optim.Optimizer):
     over the ranks of `process_group`, see `optim.sharded`), `last_step_skipped` (True when the last step saw a
     non-finite gradient and changed nothing), `skipped_steps` (how many such steps so far).
 
-    `row_confidence` (a bool param-group key, True only on embedding tables the choice
-    takes): the rows of a row-normalised atom (an embedding table) are scaled by their signal ratio over the largest one's, so a row whose
+    `row_confidence` (a bool param-group key, True only on the row-normalised atoms the
+    choice takes): the rows of a row-normalised atom (an embedding table) are scaled by their signal ratio over the largest one's, so a row whose
     gradient is mostly noise moves less than one whose gradient is consistent; the update's
     norm (its largest row) stays the budget. "auto" (default) turns it on for the tables not
     tied to another use (`norm_graph.diagnostics.tied`: a tied LM head), True for every
-    table, False for none. State per such parameter: `row_moment` (one float per row, at
+    row-normalised atom (`channel_conv` filters too), False for none. State per such parameter: `row_moment` (one float per row, at
     least fp32) and `row_step`. Without momentum there is no ratio and no scaling.
 
     Parameters whose `grad` is None in a step (frozen, unused) are left exactly as they
@@ -323,11 +323,15 @@ def _any_dtensor(tensors: list[torch.Tensor]) -> bool:
 
 
 def _rows_scaled(name: str, ng: NormGraph, choice: bool | str) -> bool:
-    """The `row_confidence` group key: on for row-normalised atoms (embedding tables) that the
-    choice takes ("auto": the ones not tied to another use), off for every other atom."""
-    if ng.atoms[name].dual != "row_normalize":
+    """The `row_confidence` group key: on for row-normalised atoms that the choice takes
+    ("auto": the embedding tables not tied to another use; True: every row-normalised atom),
+    off for every other atom."""
+    atom = ng.atoms[name]
+    if atom.dual != "row_normalize":
         return False
-    return name not in ng.diagnostics.tied if choice == "auto" else bool(choice)
+    if choice == "auto":
+        return atom.kind == "embedding" and name not in ng.diagnostics.tied
+    return bool(choice)
 
 
 def _row_vector(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
