@@ -14,8 +14,43 @@ import normgraph
 STEPS = 3
 
 
+class Block(torch.nn.Module):
+    """A ResNet basic block: its two convs are read only by BatchNorms (rule 10's channel convs)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(c)
+        self.conv2 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+class CNN(torch.nn.Module):
+    """A stem, two BatchNorm blocks (5 output channels: FSDP2 shards the filters 3 + 2) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 5, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(5)
+        self.blocks = torch.nn.Sequential(Block(5), Block(5))
+        self.head = torch.nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(torch.relu(self.bn(self.stem(x)))).mean((2, 3)))
+
+
 def build(kind: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model and one global batch: token ids, or for "cnn" images and labels stacked as
+    one float tensor (the label in the last pixel's place, see `loss_of`)."""
     torch.manual_seed(0)
+    if kind == "cnn":
+        gen = torch.Generator().manual_seed(1)
+        images = torch.rand(16, 1, 6, 6, generator=gen)
+        labels = torch.randint(0, 4, (16,), generator=gen)
+        return CNN(), torch.cat([images.reshape(16, -1), labels[:, None].float()], dim=1)
     if kind == "gpt":
         from normgraph.demo.models import GPT, GPTConfig
         # 65 token rows: FSDP2 shards them unevenly (33 + 32)
@@ -31,9 +66,22 @@ def build(kind: str) -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 def loss_of(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    if ids.is_floating_point():  # "cnn": 36 pixels and a label per row
+        logits = model(ids[:, :-1].reshape(-1, 1, 6, 6))
+        return torch.nn.functional.cross_entropy(logits, ids[:, -1].long())
     out = model(ids)
     logits = out.logits if hasattr(out, "logits") else out
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def example(ids: torch.Tensor) -> tuple[torch.Tensor]:
+    """The example input `normgraph.compile` traces with: one row of the batch."""
+    return (ids[:1, :-1].reshape(1, 1, 6, 6),) if ids.is_floating_point() else (ids[:1],)
+
+
+def channel_convs(opt) -> int:
+    """How many of the CNN's convs the analysis read as rule 10's channel convs."""
+    return sum(a.kind == "channel_conv" for a in opt.norm_graph.atoms.values())
 
 
 def step_flops(opt: torch.optim.Optimizer) -> int:
@@ -75,12 +123,14 @@ def ddp(rank: int, world: int, port: int, kind: str, orthogonalizer: str, ns_met
         model, ids = build(kind)
         reference = copy.deepcopy(model)
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        # GPT-2's tables with row confidence (opt-in), the demo GPT's without: both paths over ranks
+        # GPT-2's tables and the CNN's filters with row confidence (opt-in), the demo GPT's
+        # without: both paths over ranks
         kw = dict(lr=0.05, orthogonalizer=orthogonalizer, ns_method=ns_method, compile_mode="eager",
-                  row_confidence=kind == "gpt2")
-        opt = normgraph.compile(wrapped, (ids[:1],), **kw)
-        ref = normgraph.compile(reference, (ids[:1],), **kw)
+                  row_confidence=kind != "gpt")
+        opt = normgraph.compile(wrapped, example(ids), **kw)
+        ref = normgraph.compile(reference, example(ids), **kw)
         assert opt.shard_map and not ref.shard_map
+        assert kind != "cnn" or channel_convs(opt) == 4
         local = ids[rank::world]
         flops, ref_flops = train_side_by_side(wrapped, opt, reference, ref, ids, rank, world)
         assert_matches({n: p.detach() for n, p in model.named_parameters()}, reference)
@@ -88,7 +138,7 @@ def ddp(rank: int, world: int, port: int, kind: str, orthogonalizer: str, ns_met
         gathered = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(gathered, flat)
         assert all(torch.equal(gathered[0], g) for g in gathered), "ranks are not bit-identical"
-        assert flops <= (1 / world + 0.1) * ref_flops, f"rank {rank}: {flops} of {ref_flops} FLOPs"
+        assert kind == "cnn" or flops <= (1 / world + 0.1) * ref_flops, f"rank {rank}: {flops} of {ref_flops} FLOPs"
         # resume: save on every rank (identical), reload into a fresh optimizer, continue identically
         buf = io.BytesIO()
         torch.save(opt.state_dict(), buf)
@@ -100,7 +150,7 @@ def ddp(rank: int, world: int, port: int, kind: str, orthogonalizer: str, ns_met
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(params[n])
-        again = normgraph.compile(wrapped, (ids[:1],), **kw)
+        again = normgraph.compile(wrapped, example(ids), **kw)
         buf.seek(0)
         again.load_state_dict(torch.load(buf, weights_only=True))
         again.zero_grad()
@@ -127,7 +177,7 @@ def _exit_quietly() -> None:
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return list(model.blocks) if hasattr(model, "blocks") else list(model.transformer.h)
+    return list(model.blocks) if hasattr(model, "blocks") else list(model.transformer.h)  # GPT, CNN: .blocks
 
 
 def fsdp(rank: int, world: int, port: int, kind: str, orthogonalizer: str, ns_method: str, out_dir: str) -> None:
@@ -145,18 +195,20 @@ def fsdp(rank: int, world: int, port: int, kind: str, orthogonalizer: str, ns_me
         for block in _blocks(model):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        # GPT-2's tables with row confidence (opt-in), the demo GPT's without: both paths over ranks
+        # GPT-2's tables and the CNN's filters with row confidence (opt-in), the demo GPT's
+        # without: both paths over ranks
         kw = dict(lr=0.05, orthogonalizer=orthogonalizer, ns_method=ns_method, compile_mode="eager",
-                  row_confidence=kind == "gpt2")
-        opt = normgraph.compile(model, (ids[:1],), **kw)  # after sharding, as people build optimizers
-        ref = normgraph.compile(reference, (ids[:1],), **kw)
+                  row_confidence=kind != "gpt")
+        opt = normgraph.compile(model, example(ids), **kw)  # after sharding, as people build optimizers
+        ref = normgraph.compile(reference, example(ids), **kw)
         assert opt.row_sharded
+        assert kind != "cnn" or channel_convs(opt) == 4
         for name, atom in ref.norm_graph.atoms.items():  # the same analysis on the shadow
             assert opt.norm_graph.atoms[name].budget == atom.budget, name
         local = ids[rank::world]
         flops, ref_flops = train_side_by_side(model, opt, reference, ref, ids, rank, world)
         assert_matches({n: p.full_tensor().detach() for n, p in model.named_parameters()}, reference)
-        assert flops <= (1 / world + 0.1) * ref_flops, f"rank {rank}: {flops} of {ref_flops} FLOPs"
+        assert kind == "cnn" or flops <= (1 / world + 0.1) * ref_flops, f"rank {rank}: {flops} of {ref_flops} FLOPs"
         # checkpoint with torch.distributed.checkpoint, take a step, restore, take it again
         ckpt = os.path.join(out_dir, "ckpt")
         bufs = {opt.param_groups[i]["name"]: opt.state[g["params"][0]]["momentum_buffer"].to_local().clone()
@@ -171,7 +223,7 @@ def fsdp(rank: int, world: int, port: int, kind: str, orthogonalizer: str, ns_me
             for n, p in model.named_parameters():
                 p.to_local().copy_(saved[n])
         model.zero_grad(set_to_none=True)  # a fresh run: no gradients yet (DCP then builds the state's layout)
-        again = normgraph.compile(model, (ids[:1],), **kw)
+        again = normgraph.compile(model, example(ids), **kw)
         state = {"optim": get_optimizer_state_dict(model, again)}
         dcp.load(state, checkpoint_id=ckpt)
         set_optimizer_state_dict(model, again, state["optim"])
