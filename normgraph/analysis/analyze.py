@@ -393,8 +393,9 @@ def _mark_channel_convs(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomS
             atom.note = f"{atom.note}; read only by a BatchNorm: moved per output channel, budget / {positions}"
             marked.append(name)
     if marked:
-        diag.notes.append(f"channel convs: {len(marked)} conv(s) read only by a BatchNorm move per output channel "
-                          f"({kind.dual} dual, budget / kernel positions, no decay; channel_convs=False keeps them convs)")
+        diag.notes.append(f"channel convs: {len(marked)} conv(s) read only by a BatchNorm move per output "
+                          f"channel ({kind.dual} dual, budget / kernel positions, no decay; "
+                          "channel_convs=False keeps them convs)")
 
 
 def _read_only_by_batch_norm(node: fx.Node, scales: Scales) -> bool:

@@ -41,12 +41,14 @@ class NormGraphOptimizer(torch.optim.Optimizer):
     non-finite gradient and changed nothing), `skipped_steps` (how many such steps so far).
 
     `row_confidence` (a bool param-group key, True only on the row-normalised atoms the
-    choice takes): the rows of a row-normalised atom (an embedding table) are scaled by their signal ratio over the largest one's, so a row whose
-    gradient is mostly noise moves less than one whose gradient is consistent; the update's
-    norm (its largest row) stays the budget. "auto" (default) turns it on for the tables not
-    tied to another use (`norm_graph.diagnostics.tied`: a tied LM head), True for every
-    row-normalised atom (`channel_conv` filters too), False for none. State per such parameter: `row_moment` (one float per row, at
-    least fp32) and `row_step`. Without momentum there is no ratio and no scaling.
+    choice takes): the rows of a row-normalised atom (an embedding table) are scaled by
+    their signal ratio over the largest one's, so a row whose gradient is mostly noise moves
+    less than one whose gradient is consistent; the update's norm (its largest row) stays
+    the budget. "auto" (default) turns it on for the tables not tied to another use
+    (`norm_graph.diagnostics.tied`: a tied LM head), True for every row-normalised atom
+    (`channel_conv` filters too), False for none. State per such parameter: `row_moment`
+    (one float per row, at least fp32) and `row_step`. Without momentum there is no ratio
+    and no scaling.
 
     Parameters whose `grad` is None in a step (frozen, unused) are left exactly as they
     are, weight decay included; the map for that subset of atoms is generated once and
