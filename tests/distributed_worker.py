@@ -10,22 +10,9 @@ import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 import normgraph
+from test_channel_convs import Block  # a ResNet basic block: its convs are rule 10's channel convs
 
 STEPS = 3
-
-
-class Block(torch.nn.Module):
-    """A ResNet basic block: its two convs are read only by BatchNorms (rule 10's channel convs)."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = torch.nn.BatchNorm2d(c)
-        self.conv2 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = torch.nn.BatchNorm2d(c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
 
 
 class CNN(torch.nn.Module):
