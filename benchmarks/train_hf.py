@@ -62,7 +62,7 @@ def loss_of(model: torch.nn.Module, name: str, x: torch.Tensor, y: torch.Tensor,
 
 def make_opt(kind: str, model: torch.nn.Module, lr: float | None, example: torch.Tensor, adam_lr: float,
              mode: str, masses: dict[str, float] | None = None, kinds: dict[str, str] | None = None,
-             body_profile: str = "flat", row_confidence: bool | str = "auto"):
+             body_profile: str = "flat", row_confidence: bool | str = "auto", muon_momentum: float = 0.95):
     if kind == "normgraph":
         import normgraph
         kw = {} if lr is None else {"lr": lr}
@@ -76,7 +76,7 @@ def make_opt(kind: str, model: torch.nn.Module, lr: float | None, example: torch
         hidden = [p for p in model.parameters() if p.ndim == 2 and id(p) not in emb | head]
         ids = {id(p) for p in hidden}
         rest = [p for p in model.parameters() if id(p) not in ids]
-        return [torch.optim.Muon(hidden, lr=lr, weight_decay=0.0, momentum=0.95, nesterov=True),
+        return [torch.optim.Muon(hidden, lr=lr, weight_decay=0.0, momentum=muon_momentum, nesterov=True),
                 torch.optim.AdamW(rest, lr=adam_lr, betas=(0.9, 0.95), weight_decay=0.0)]
     raise ValueError(kind)
 
@@ -90,7 +90,8 @@ def run(args: argparse.Namespace, kind: str, lr: float | None, corpus: Corpus) -
     masses = {k: float(v) for k, v in (item.split("=") for item in args.masses)} or None
     kinds = dict(item.split("=") for item in args.kinds) or None
     rows = {"auto": "auto", "all": True, "none": False}[args.row_confidence]
-    opt = make_opt(kind, model, lr, example, args.adam_lr, args.sensitivity, masses, kinds, args.body_profile, rows)
+    opt = make_opt(kind, model, lr, example, args.adam_lr, args.sensitivity, masses, kinds, args.body_profile, rows,
+                   args.muon_momentum)
     opts = opt if isinstance(opt, list) else [opt]
     groups = [g for o in opts for g in o.param_groups]
     for g in groups:
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adam-lr", type=float, default=0.004, help="AdamW's lr for Muon's non-matrix params")
+    p.add_argument("--muon-momentum", type=float, default=0.95, help="Muon's momentum (torch's default 0.95)")
     p.add_argument("--sensitivity", default="hybrid", help="normgraph's sensitivity mode")
     p.add_argument("--body-profile", default="flat", choices=("flat", "measured"),
                    help="normgraph's budgets along the residual body (analyze's body_profile)")

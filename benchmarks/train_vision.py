@@ -48,17 +48,17 @@ def build(name: str, layers: int, width: int) -> torch.nn.Module:
 class MuonWithAdamW:
     """torch.optim.Muon for hidden 2-D+ weights, AdamW for the rest (the user's usual split)."""
 
-    def __init__(self, model: torch.nn.Module, lr: float, adam_lr: float) -> None:
+    def __init__(self, model: torch.nn.Module, lr: float, adam_lr: float, momentum: float = 0.95) -> None:
         head = {id(p) for p in model.classifier.parameters()}
         stem = {id(p) for n, p in model.named_parameters() if "embed" in n}
         hidden = [p for p in model.parameters() if p.ndim >= 2 and id(p) not in head | stem]
         ids = {id(p) for p in hidden}
         mats = [p for p in hidden if p.ndim == 2]
-        self.muon = torch.optim.Muon(mats, lr=lr, momentum=0.95, nesterov=True) if mats else None
+        self.muon = torch.optim.Muon(mats, lr=lr, momentum=momentum, nesterov=True) if mats else None
         # Muon is 2-D only: conv kernels go through a flattened view
         self.kernels = [p for p in hidden if p.ndim > 2]
         self.flat = [torch.nn.Parameter(p.detach().reshape(p.shape[0], -1)) for p in self.kernels]
-        self.muon_conv = torch.optim.Muon(self.flat, lr=lr, momentum=0.95, nesterov=True) if self.flat else None
+        self.muon_conv = torch.optim.Muon(self.flat, lr=lr, momentum=momentum, nesterov=True) if self.flat else None
         self.adam = torch.optim.AdamW([p for p in model.parameters() if id(p) not in ids], lr=adam_lr,
                                       betas=(0.9, 0.95), weight_decay=0.0)
         self.opts = [o for o in (self.muon, self.adam, self.muon_conv) if o is not None]
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace, kind: str, lr: float, data, seed: int) -> tupl
     elif kind == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     else:
-        opt = MuonWithAdamW(model, lr, args.adam_lr)
+        opt = MuonWithAdamW(model, lr, args.adam_lr, args.muon_momentum)
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     tail, start = [], time.perf_counter()
@@ -133,6 +133,7 @@ def main() -> None:
                    help="run every lr at each of these seeds and print their mean (digits test losses "
                         "vary by up to 0.2 between seeds: compare means of 3 or more)")
     p.add_argument("--adam-lr", type=float, default=0.003)
+    p.add_argument("--muon-momentum", type=float, default=0.95, help="Muon's momentum (torch's default 0.95)")
     p.add_argument("--sensitivity", default="hybrid")
     p.add_argument("--body-decay", default="auto",
                    type=lambda v: v if v == "auto" else float(v),

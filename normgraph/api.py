@@ -27,7 +27,7 @@ from .optim.optimizer import NormGraphOptimizer
 
 
 def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: dict[str, Any] | None = None, *,  # noqa: A001
-            lr: float = 0.25, momentum: float = 0.95, nesterov: bool = True, weight_decay: float | str = "auto",
+            lr: float = 0.25, momentum: float = 0.9, nesterov: bool = True, weight_decay: float | str = "auto",
             row_confidence: bool | str = "auto",
             orthogonalizer: str = "newton-schulz", ns_steps: int = 5, ns_coefficients: str | Sequence = DEFAULT_SCHEDULE,
             annotations: NormGraph | str | os.PathLike | None = None, masses: dict[str, float] | None = None,

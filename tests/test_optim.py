@@ -249,6 +249,24 @@ def test_state_dict_resume_is_bit_identical() -> None:
         assert torch.equal(p, q), n
 
 
+def test_default_momentum_is_0_9_and_an_older_checkpoint_keeps_its_own() -> None:
+    """The default moved 0.95 → 0.9 (docs/results.md §17). compile and the optimizer class must
+    agree, and a state dict saved under the old default must resume with 0.95, as torch's
+    Optimizer contract restores every group's hyperparameters."""
+    import inspect
+    for fn in (normgraph.compile, NormGraphOptimizer):
+        assert inspect.signature(fn).parameters["momentum"].default == 0.9
+    torch.manual_seed(0)
+    model = Net()
+    old = NormGraphOptimizer(model, norm_graph(), momentum=0.95, **EAGER)
+    backward(model)
+    old.step()
+    opt = NormGraphOptimizer(model, norm_graph(), **EAGER)
+    assert {g["momentum"] for g in opt.param_groups} == {0.9}
+    opt.load_state_dict(old.state_dict())
+    assert {g["momentum"] for g in opt.param_groups} == {0.95}
+
+
 def test_lr_scheduler_and_per_parameter_lr() -> None:
     torch.manual_seed(0)
     model, ng = Net().double(), norm_graph()

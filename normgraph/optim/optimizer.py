@@ -58,7 +58,7 @@ class NormGraphOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, params: torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]], norm_graph: NormGraph, *,
-                 lr: float = 0.25, momentum: float = 0.95, nesterov: bool = True,
+                 lr: float = 0.25, momentum: float = 0.9, nesterov: bool = True,
                  weight_decay: float | str = "auto", row_confidence: bool | str = "auto",
                  map_options: MapOptions | None = None, shard_map: bool = False,
                  process_group: Any = None, **options: Any) -> None:
