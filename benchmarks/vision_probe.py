@@ -1,0 +1,150 @@
+"""Probe where a vision model's loss gap sits: `train_vision.py`'s loop (same data, init, batches
+and linear schedule) with normgraph's atoms changed after the analysis, one seed per process.
+
+    OMP_NUM_THREADS=1 python benchmarks/vision_probe.py --model resnet --layers 8 --seed 0 \
+        --late-adamw 210 --late-group kind:linear
+
+Atoms are picked by a selector: a name substring, `kind:K` (the atom's kind), or several joined
+by `&` (all must hold). The probes are diagnostics, not settings we ship:
+- `--scale SEL=F` multiplies the selected atoms' budgets by F;
+- `--decay SEL=V` sets their weight decay to V;
+- `--kinds NAME=KIND` overrides the analysis' kind (its `kinds=`);
+- `--momentum M` sets every group's momentum;
+- `--power P` decays the lr as (1 − t)^P instead of linearly (P = 1);
+- `--late-adamw STEP --late-group SEL[,SEL…]` hands the selected parameters to AdamW
+  (lr `--adam-lr` on the same schedule, betas (0.9, 0.95), no decay) from step STEP on;
+- `--curve` prints the mean train loss of each tenth of the run.
+
+Each run prints one `RESULT` line (train loss = mean of the last 10% of steps, as in
+train_vision.py); pair them over seeds to compare (docs/results.md §18).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_vision import MuonWithAdamW, build, digits  # noqa: E402
+
+
+def selected(sel: str, name: str, kind: str) -> bool:
+    """`sel` is `a&b&…`; each part is `kind:K` or a substring of the parameter's name."""
+    return all(kind == part[5:] if part.startswith("kind:") else part in name for part in sel.split("&"))
+
+
+def pairs(items: list[str]) -> list[tuple[str, str]]:
+    return [tuple(item.rsplit("=", 1)) for item in items]  # type: ignore[misc]
+
+
+class Joined:
+    """Two optimizers stepped as one (normgraph for most atoms, AdamW for the handed-off ones)."""
+
+    def __init__(self, *opts: torch.optim.Optimizer) -> None:
+        self.opts = opts
+        self.param_groups = [g for o in opts for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none)
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=("vit", "resnet"), default="resnet")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--opt", choices=("normgraph", "adamw", "muon"), default="normgraph")
+    p.add_argument("--lr", type=float, default=0.25)
+    p.add_argument("--adam-lr", type=float, default=0.003)
+    p.add_argument("--scale", nargs="*", default=[], metavar="SEL=F")
+    p.add_argument("--decay", nargs="*", default=[], metavar="SEL=V")
+    p.add_argument("--kinds", nargs="*", default=[], metavar="NAME=KIND")
+    p.add_argument("--momentum", type=float, default=None)
+    p.add_argument("--power", type=float, default=1.0)
+    p.add_argument("--late-adamw", type=int, default=-1, metavar="STEP")
+    p.add_argument("--late-group", default="", metavar="SEL[,SEL…]")
+    p.add_argument("--curve", action="store_true")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    xtr, ytr, xte, yte = digits()
+    torch.manual_seed(args.seed)
+    model = build(args.model, args.layers, args.width)
+    gen = torch.Generator().manual_seed(args.seed)
+    if args.opt == "normgraph":
+        import normgraph
+        opt = normgraph.compile(model, (xtr[:4],), lr=args.lr, compile_mode="eager",
+                                kinds=dict(pairs(args.kinds)) or None)
+        atoms = opt.norm_graph.atoms
+        for sel, f in pairs(args.scale):
+            for n, a in atoms.items():
+                if selected(sel, n, a.kind):
+                    a.budget *= float(f)  # the map is regenerated on the next step
+        for sel, v in pairs(args.decay):
+            for n, a in atoms.items():
+                if selected(sel, n, a.kind):
+                    opt.group(n)["weight_decay"] = float(v)
+        if args.momentum is not None:
+            for g in opt.param_groups:
+                g["momentum"] = args.momentum
+    elif args.opt == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    else:
+        opt = MuonWithAdamW(model, args.lr, args.adam_lr)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    curve: list[float] = []
+    for step in range(args.steps):
+        if step == args.late_adamw and args.opt == "normgraph":
+            params = dict(model.named_parameters())
+            names = [n for n, a in opt.norm_graph.atoms.items()
+                     if any(selected(s, n, a.kind) for s in args.late_group.split(","))]
+            for n in names:
+                opt.group(n)["base_lr"] = 0.0
+            adam = torch.optim.AdamW([params[n] for n in names], lr=args.adam_lr, betas=(0.9, 0.95),
+                                     weight_decay=0.0)
+            adam.param_groups[0]["base_lr"] = args.adam_lr
+            opt = Joined(opt, adam)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * (1 - step / args.steps) ** args.power
+        idx = torch.randint(0, len(xtr), (args.batch,), generator=gen)
+        loss = F.cross_entropy(model(pixel_values=xtr[idx]).logits, ytr[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        curve.append(loss.item())
+        if not math.isfinite(curve[-1]):
+            break
+    tail = curve[-max(1, args.steps // 10):]
+    model.eval()
+    with torch.no_grad():
+        logits = model(pixel_values=xte).logits
+    test = F.cross_entropy(logits, yte).item()
+    acc = (logits.argmax(-1) == yte).float().mean().item()
+    probe = f"{args.model} layers={args.layers} {args.opt} lr={args.lr}" + "".join(
+        f" {k}={' '.join(v) if isinstance(v, list) else v}" for k, v in
+        (("scale", args.scale), ("decay", args.decay), ("kinds", args.kinds), ("momentum", args.momentum),
+         ("power", args.power if args.power != 1 else None),
+         ("late_adamw", f"{args.late_adamw}:{args.late_group}" if args.late_adamw >= 0 else None)) if v)
+    if args.curve:
+        tenth = max(1, args.steps // 10)
+        print("CURVE", " ".join(f"{sum(curve[i:i + tenth]) / len(curve[i:i + tenth]):.4f}"
+                                for i in range(0, len(curve), tenth)))
+    print(f"RESULT seed={args.seed} {probe} | train {sum(tail) / len(tail):.4f} test {test:.4f} acc {acc:.3f}",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
