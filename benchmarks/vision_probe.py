@@ -78,6 +78,11 @@ def main() -> None:
     p.add_argument("--late-group", default="", metavar="SEL[,SEL…]")
     p.add_argument("--curve", action="store_true")
     args = p.parse_args()
+    probes = args.scale or args.decay or args.kinds or args.momentum is not None or args.late_adamw >= 0
+    if args.opt != "normgraph" and probes:
+        p.error("--scale, --decay, --kinds, --momentum and --late-adamw change normgraph's atoms: use --opt normgraph")
+    if (args.late_adamw >= 0) != bool(args.late_group):
+        p.error("--late-adamw STEP and --late-group SEL go together")
     warnings.filterwarnings("ignore")
     xtr, ytr, xte, yte = digits()
     torch.manual_seed(args.seed)
@@ -88,6 +93,11 @@ def main() -> None:
         opt = normgraph.compile(model, (xtr[:4],), lr=args.lr, compile_mode="eager",
                                 kinds=dict(pairs(args.kinds)) or None)
         atoms = opt.norm_graph.atoms
+        sels = [sel for sel, _ in pairs(args.scale) + pairs(args.decay)] + args.late_group.split(",")
+        for sel in filter(None, sels):
+            if not any(selected(sel, n, a.kind) for n, a in atoms.items()):
+                p.error(f"selector {sel!r} matches no atom; kinds here: "
+                        f"{sorted({a.kind for a in atoms.values()})}, names as in model.named_parameters()")
         for sel, f in pairs(args.scale):
             for n, a in atoms.items():
                 if selected(sel, n, a.kind):
