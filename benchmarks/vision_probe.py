@@ -38,6 +38,11 @@ def selected(sel: str, name: str, kind: str) -> bool:
     return all(kind == part[5:] if part.startswith("kind:") else part in name for part in sel.split("&"))
 
 
+def matching(atoms: dict, sel: str) -> list[str]:
+    """The names of the atoms that `sel` picks, in the norm graph's order."""
+    return [n for n, a in atoms.items() if selected(sel, n, a.kind)]
+
+
 def pairs(items: list[str]) -> list[tuple[str, str]]:
     return [tuple(item.rsplit("=", 1)) for item in items]  # type: ignore[misc]
 
@@ -83,6 +88,8 @@ def main() -> None:
         p.error("--scale, --decay, --kinds, --momentum and --late-adamw change normgraph's atoms: use --opt normgraph")
     if (args.late_adamw >= 0) != bool(args.late_group):
         p.error("--late-adamw STEP and --late-group SEL go together")
+    if args.late_adamw >= args.steps:
+        p.error(f"--late-adamw {args.late_adamw} is past the last step ({args.steps - 1}): nothing would be handed off")
     warnings.filterwarnings("ignore")
     xtr, ytr, xte, yte = digits()
     torch.manual_seed(args.seed)
@@ -95,17 +102,15 @@ def main() -> None:
         atoms = opt.norm_graph.atoms
         sels = [sel for sel, _ in pairs(args.scale) + pairs(args.decay)] + args.late_group.split(",")
         for sel in filter(None, sels):
-            if not any(selected(sel, n, a.kind) for n, a in atoms.items()):
+            if not matching(atoms, sel):
                 p.error(f"selector {sel!r} matches no atom; kinds here: "
                         f"{sorted({a.kind for a in atoms.values()})}, names as in model.named_parameters()")
         for sel, f in pairs(args.scale):
-            for n, a in atoms.items():
-                if selected(sel, n, a.kind):
-                    a.budget *= float(f)  # the map is regenerated on the next step
+            for n in matching(atoms, sel):
+                atoms[n].budget *= float(f)  # the map is regenerated on the next step
         for sel, v in pairs(args.decay):
-            for n, a in atoms.items():
-                if selected(sel, n, a.kind):
-                    opt.group(n)["weight_decay"] = float(v)
+            for n in matching(atoms, sel):
+                opt.group(n)["weight_decay"] = float(v)
         if args.momentum is not None:
             for g in opt.param_groups:
                 g["momentum"] = args.momentum
@@ -119,8 +124,8 @@ def main() -> None:
     for step in range(args.steps):
         if step == args.late_adamw and args.opt == "normgraph":
             params = dict(model.named_parameters())
-            names = [n for n, a in opt.norm_graph.atoms.items()
-                     if any(selected(s, n, a.kind) for s in args.late_group.split(","))]
+            picked = {n for sel in args.late_group.split(",") for n in matching(opt.norm_graph.atoms, sel)}
+            names = [n for n in opt.norm_graph.atoms if n in picked]
             for n in names:
                 opt.group(n)["base_lr"] = 0.0
             adam = torch.optim.AdamW([params[n] for n in names], lr=args.adam_lr, betas=(0.9, 0.95),
@@ -143,11 +148,13 @@ def main() -> None:
         logits = model(pixel_values=xte).logits
     test = F.cross_entropy(logits, yte).item()
     acc = (logits.argmax(-1) == yte).float().mean().item()
-    probe = f"{args.model} layers={args.layers} {args.opt} lr={args.lr}" + "".join(
-        f" {k}={' '.join(v) if isinstance(v, list) else v}" for k, v in
-        (("scale", args.scale), ("decay", args.decay), ("kinds", args.kinds), ("momentum", args.momentum),
-         ("power", args.power if args.power != 1 else None),
-         ("late_adamw", f"{args.late_adamw}:{args.late_group}" if args.late_adamw >= 0 else None)) if v)
+    probe = f"{args.model} layers={args.layers} {args.opt} lr={args.lr}"
+    for key, value in (("scale", " ".join(args.scale)), ("decay", " ".join(args.decay)),
+                       ("kinds", " ".join(args.kinds)), ("momentum", args.momentum),
+                       ("power", args.power if args.power != 1 else None),
+                       ("late_adamw", f"{args.late_adamw}:{args.late_group}" if args.late_adamw >= 0 else None)):
+        if value:
+            probe += f" {key}={value}"
     if args.curve:
         tenth = max(1, args.steps // 10)
         print("CURVE", " ".join(f"{sum(curve[i:i + tenth]) / len(curve[i:i + tenth]):.4f}"
