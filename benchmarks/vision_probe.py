@@ -13,7 +13,11 @@ by `&` (all must hold). The probes are diagnostics, not settings we ship:
 - `--power P` decays the lr as (1 − t)^P instead of linearly (P = 1);
 - `--late-adamw STEP --late-group SEL[,SEL…]` hands the selected parameters to AdamW
   (lr `--adam-lr` on the same schedule, betas (0.9, 0.95), no decay) from step STEP on;
-- `--curve` prints the mean train loss of each tenth of the run.
+- `--curve` prints the mean train loss of each tenth of the run;
+- `--head` adds the logits' scale at the end to the result line (eval mode): the classifier's spectral norm, the
+  RMS of its input, the median margin (true logit minus the largest other) on train and test,
+  and on the whole train set in eval mode: the mean loss, the misclassified examples and the
+  share of the loss that its worst 1% of examples carry.
 
 Each run prints one `RESULT` line (train loss = mean of the last 10% of steps, as in
 train_vision.py); pair them over seeds to compare (docs/results.md §18).
@@ -45,6 +49,29 @@ def matching(atoms: dict, sel: str) -> list[str]:
 
 def pairs(items: list[str]) -> list[tuple[str, str]]:
     return [tuple(item.rsplit("=", 1)) for item in items]  # type: ignore[misc]
+
+
+def head_report(model: torch.nn.Module, xtr: torch.Tensor, ytr: torch.Tensor,
+                xte: torch.Tensor, yte: torch.Tensor) -> str:
+    """Where the logits' scale comes from: the last Linear (the classifier) and what it reads."""
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0]))
+    with torch.no_grad():
+        margins, losses = [], []
+        for x, y in ((xtr, ytr), (xte, yte)):
+            logits = model(pixel_values=x).logits
+            true = logits.gather(1, y[:, None]).squeeze(1)
+            other = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+            margins.append(true - other)
+            losses.append(F.cross_entropy(logits, y, reduction="none"))
+        sigma = torch.linalg.matrix_norm(head.weight, ord=2).item()
+    hook.remove()
+    worst = losses[0].topk(max(1, len(losses[0]) // 100)).values.sum() / losses[0].sum()
+    return (f"head sigma {sigma:.3f} input_rms {seen[0].pow(2).mean().sqrt().item():.3f} "
+            f"margin_train {margins[0].median().item():.2f} margin_test {margins[1].median().item():.2f} "
+            f"train_eval {losses[0].mean().item():.4f} train_errors {int((margins[0] <= 0).sum())} "
+            f"worst1pct_share {worst.item():.2f}")
 
 
 class Joined:
@@ -82,6 +109,7 @@ def main() -> None:
     p.add_argument("--late-adamw", type=int, default=-1, metavar="STEP")
     p.add_argument("--late-group", default="", metavar="SEL[,SEL…]")
     p.add_argument("--curve", action="store_true")
+    p.add_argument("--head", action="store_true")
     args = p.parse_args()
     probes = args.scale or args.decay or args.kinds or args.momentum is not None or args.late_adamw >= 0
     if args.opt != "normgraph" and probes:
@@ -159,7 +187,8 @@ def main() -> None:
         tenth = max(1, args.steps // 10)
         print("CURVE", " ".join(f"{sum(curve[i:i + tenth]) / len(curve[i:i + tenth]):.4f}"
                                 for i in range(0, len(curve), tenth)))
-    print(f"RESULT seed={args.seed} {probe} | train {sum(tail) / len(tail):.4f} test {test:.4f} acc {acc:.3f}",
+    head = f" | {head_report(model, xtr, ytr, xte, yte)}" if args.head else ""
+    print(f"RESULT seed={args.seed} {probe} | train {sum(tail) / len(tail):.4f} test {test:.4f} acc {acc:.3f}{head}",
           flush=True)
 
 
