@@ -17,7 +17,8 @@ by `&` (all must hold). The probes are diagnostics, not settings we ship:
 - `--head` adds the logits' scale at the end to the result line (eval mode): the classifier's spectral norm, the
   RMS of its input, the median margin (true logit minus the largest other) on train and test,
   and on the whole train set in eval mode: the mean loss, the misclassified examples and the
-  share of the loss that its worst 1% of examples carry.
+  share of the loss that its worst 1% of examples carry; last, the whole train set's loss in
+  batches of 64 with BatchNorm on batch statistics (train mode, no step).
 
 Each run prints one `RESULT` line (train loss = mean of the last 10% of steps, as in
 train_vision.py); pair them over seeds to compare (docs/results.md §18).
@@ -66,12 +67,20 @@ def head_report(model: torch.nn.Module, xtr: torch.Tensor, ytr: torch.Tensor,
             margins.append(true - other)
             losses.append(F.cross_entropy(logits, y, reduction="none"))
         sigma = torch.linalg.matrix_norm(head.weight, ord=2).item()
+        # the same weights with BatchNorm on batch statistics, as the training batches saw them
+        buffers = {k: v.clone() for k, v in model.state_dict().items()}
+        model.train()
+        order = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))
+        batch_losses = [F.cross_entropy(model(pixel_values=xtr[i]).logits, ytr[i]).item()
+                        for i in order.split(64)]
+        model.load_state_dict(buffers)
+        model.eval()
     hook.remove()
     worst = losses[0].topk(max(1, len(losses[0]) // 100)).values.sum() / losses[0].sum()
     return (f"head sigma {sigma:.3f} input_rms {seen[0].pow(2).mean().sqrt().item():.3f} "
             f"margin_train {margins[0].median().item():.2f} margin_test {margins[1].median().item():.2f} "
             f"train_eval {losses[0].mean().item():.4f} train_errors {int((margins[0] <= 0).sum())} "
-            f"worst1pct_share {worst.item():.2f}")
+            f"worst1pct_share {worst.item():.2f} train_batchstats {sum(batch_losses) / len(batch_losses):.4f}")
 
 
 class Joined:
