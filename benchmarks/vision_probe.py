@@ -14,11 +14,11 @@ by `&` (all must hold). The probes are diagnostics, not settings we ship:
 - `--late-adamw STEP --late-group SEL[,SEL…]` hands the selected parameters to AdamW
   (lr `--adam-lr` on the same schedule, betas (0.9, 0.95), no decay) from step STEP on;
 - `--curve` prints the mean train loss of each tenth of the run;
-- `--head` adds the logits' scale at the end to the result line (eval mode): the classifier's spectral norm, the
-  RMS of its input, the median margin (true logit minus the largest other) on train and test,
-  and on the whole train set in eval mode: the mean loss, the misclassified examples and the
-  share of the loss that its worst 1% of examples carry; last, the whole train set's loss in
-  batches of 64 with BatchNorm on batch statistics (train mode, no step).
+- `--head` adds to the result line how the final weights fit, in eval mode unless said: the
+  classifier's spectral norm, the RMS of its input, the median margin (true logit minus the
+  largest other) on train and test; on the whole train set the mean loss, the misclassified
+  examples, the share of the loss its worst 1% carry, and the mean loss in batches of 64 on
+  BatchNorm's batch statistics (train mode, no step).
 
 Each run prints one `RESULT` line (train loss = mean of the last 10% of steps, as in
 train_vision.py); pair them over seeds to compare (docs/results.md §18).
@@ -54,7 +54,8 @@ def pairs(items: list[str]) -> list[tuple[str, str]]:
 
 def head_report(model: torch.nn.Module, xtr: torch.Tensor, ytr: torch.Tensor,
                 xte: torch.Tensor, yte: torch.Tensor) -> str:
-    """Where the logits' scale comes from: the last Linear (the classifier) and what it reads."""
+    """How the final weights fit: the logits' scale (the last Linear, the classifier, and what it
+    reads), the train set's loss and where it sits, and how much BatchNorm's batch statistics add."""
     head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     seen: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0]))
