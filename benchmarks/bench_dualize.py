@@ -53,10 +53,20 @@ How O is read, so that it is the orthogonal factor and nothing else:
 On CPU every time is a plain wall-clock median: run with OMP_NUM_THREADS=1 (or on an idle
 machine) and compare rows of one run only. `--plot PATH` writes an accuracy-versus-time
 scatter (one panel per family, one point per contender; needs matplotlib).
+
+`--quick` (the GPU check, benchmarks/gpu_check.sh) runs only the default schedule in the
+device's default compute dtype: the default ("auto") map and its step(), the direct-form map,
+on CUDA the two CUDA-graph rows, Muon.step() and the NS loop. `--compile-mode` sets the maps'
+compile_mode (default "default"; "eager" skips torch.compile, for quick CPU runs). After the
+table: on CUDA the memory of each step() row (`torch.cuda.max_memory_allocated` over its timed
+calls, less what was allocated before them, and the optimizer state's size), and for every run
+the issue-33 acceptance line (default map ≤ 2.0 ms, step() ≤ 2.5 ms, error at most Muon's in
+every family, the map's roofline fraction). `--json PATH` writes every row's numbers.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
 import sys
@@ -112,6 +122,37 @@ def timeit(fn: Callable[[], object], device: torch.device, repeats: int, warmup:
         sync(device)
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
+
+
+def state_mib(opt: torch.optim.Optimizer) -> float:
+    """Size of an optimizer's state tensors (momentum buffers and the like), MiB."""
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor)) / 2**20
+
+
+def timeit_memory(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, "Memory | None"]:
+    """`timeit(fn)` and, on CUDA, the peak memory its timed calls allocate beyond what was
+    allocated before them (after one untimed call that creates any lazy state)."""
+    if device.type != "cuda":
+        return timeit(fn, device, repeats), None
+    fn()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    secs = timeit(fn, device, repeats)
+    peak = torch.cuda.max_memory_allocated(device)
+    return secs, Memory(before / 2**20, peak / 2**20)
+
+
+@dataclass
+class Memory:
+    before_mib: float   # allocated before the timed calls (everything the process holds)
+    peak_mib: float     # torch.cuda.max_memory_allocated over the timed calls
+    state_mib: float = 0.0  # the optimizer's own state (momentum buffers)
+
+    @property
+    def transient_mib(self) -> float:
+        return self.peak_mib - self.before_mib
 
 
 def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
@@ -283,6 +324,8 @@ class Row:
     flops: float
     acc: Accuracy
     kind: str        # "map", "step", "muon", "loop"
+    memory: Memory | None = None  # step() and Muon.step() rows on CUDA
+    default: bool = False         # the default map / its step()
 
 
 def plot(rows: list[Row], path: str, title: str) -> None:
@@ -319,7 +362,7 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     print(f"# wrote {path}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[Row]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--d", type=int, default=768, help="model width (matrices 3d×d, d×d, 4d×d, d×4d per layer)")
@@ -327,12 +370,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs (default 20 on CUDA, 3 on CPU)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", metavar="PATH", default=None, help="write an accuracy-versus-time scatter (matplotlib)")
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true",
+                    help="only the default schedule in the device's default dtype (auto and direct), its step(), "
+                         "the CUDA-graph rows, Muon and the NS loop")
+    ap.add_argument("--compile-mode", default="default", help="the maps' compile_mode ('eager': no torch.compile)")
+    ap.add_argument("--json", metavar="PATH", default=None, help="write every row's numbers as JSON")
+    args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     repeats = args.repeats or (20 if device.type == "cuda" else 3)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     header = (f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-              f"{args.layers} layers × 4 matrices (d={args.d}), {args.steps} NS steps, median of {repeats}")
+              f"{args.layers} layers × 4 matrices (d={args.d}), {args.steps} NS steps, median of {repeats}"
+              + (f", compile_mode={args.compile_mode!r}" if args.compile_mode != "default" else ""))
     print("# " + header)
 
     torch.manual_seed(args.seed)
@@ -348,10 +397,16 @@ def main() -> None:
     fams = probes([s for _, s in mats[:4]], device, args.seed)
 
     rows: list[Row] = []
-    forms = [(torch.float32, "auto"), (torch.float32, "gram"), (torch.float32, "direct"), (torch.bfloat16, "auto"),
-             (torch.bfloat16, "direct")]
+    default_dtype = ortho.compute_dtype(device)
+    if args.quick:
+        schedules = (ortho.DEFAULT_SCHEDULE,)
+        forms = [(default_dtype, "auto"), (default_dtype, "direct")]
+    else:
+        schedules = ortho.SCHEDULES
+        forms = [(torch.float32, "auto"), (torch.float32, "gram"), (torch.float32, "direct"),
+                 (torch.bfloat16, "auto"), (torch.bfloat16, "direct")]
     d = args.d
-    for schedule in ortho.SCHEDULES:
+    for schedule in schedules:
         for dt, method in forms:
             dname = str(dt).replace("torch.", "")
             if method == "auto":
@@ -363,29 +418,38 @@ def main() -> None:
                 form = {"gram": "Gram form on every shape", "direct": "direct"}[method]
             label = f"normgraph map, {schedule}, {dname}, {form}"
             short = f"map {schedule} {dname} {method}"
+            is_default = schedule == ortho.DEFAULT_SCHEDULE and dt == default_dtype and method == "auto"
             opts = dict(ns_steps=args.steps, ns_coefficients=schedule, compute_dtype=dt, ns_method=method)
             flops = codegen.flops(atoms, specs=specs, **opts)
-            _, fn = codegen.generate(atoms, specs=specs, **opts)
+            _, fn = codegen.generate(atoms, specs=specs, compile_mode=args.compile_mode, **opts)
             t0 = time.perf_counter()
             fn(grads)
             sync(device)
             print(f"  compiled {label} in {time.perf_counter() - t0:.1f}s (first call)"
-                  f"{'' if fn.compiled else ' -- EAGER: ' + str(fn.compile_error)}", flush=True)
+                  f"{'' if fn.compiled or args.compile_mode == 'eager' else ' -- EAGER: ' + str(fn.compile_error)}",
+                  flush=True)
             secs = timeit(lambda: fn(grads), device, repeats)
             acc = accuracy(map_orth(fn, atoms, args.layers), fams)
-            rows.append(Row(label, short, secs, flops, acc, "map"))
-            if schedule == ortho.DEFAULT_SCHEDULE and method != "gram":
+            rows.append(Row(label, short, secs, flops, acc, "map", default=is_default))
+            if schedule == ortho.DEFAULT_SCHEDULE and method != "gram" and (method == "auto" or not args.quick):
                 ng = NormGraph({a.name: a for a in atoms})
-                opt = NormGraphOptimizer(list(zip([n for n, _ in mats], params)), ng, lr=0.02, **opts)
-                rows.append(Row(label.replace("map", "step()"), short.replace("map", "step()"),
-                                timeit(opt.step, device, repeats), flops, acc, "step"))
+                opt = NormGraphOptimizer(list(zip([n for n, _ in mats], params)), ng, lr=0.02,
+                                         compile_mode=args.compile_mode, **opts)
+                step_s, mem = timeit_memory(opt.step, device, repeats)
+                if mem is not None:
+                    mem.state_mib = state_mib(opt)
+                rows.append(Row(label.replace("map", "step()"), short.replace("map", "step()"), step_s, flops, acc,
+                                "step", memory=mem, default=is_default))
+                del opt
             if device.type == "cuda" and schedule == ortho.DEFAULT_SCHEDULE and dt == torch.bfloat16 and method == "auto":
                 rows += cuda_graph_rows(atoms, specs, opts, fn, params, grads, flops, acc, device, repeats, label, short)
 
     muon = torch.optim.Muon(params, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=args.steps)
-    muon_t = timeit(muon.step, device, repeats)
+    muon_t, muon_mem = timeit_memory(muon.step, device, repeats)
+    if muon_mem is not None:
+        muon_mem.state_mib = state_mib(muon)
     rows.append(Row("torch.optim.Muon.step(), quintic, bfloat16, direct", "torch.optim.Muon.step()", muon_t,
-                    direct_flops, accuracy(muon_orth(args.steps), fams), "muon"))
+                    direct_flops, accuracy(muon_orth(args.steps), fams), "muon", memory=muon_mem))
     work = ortho.compute_dtype(device)
     wname = str(work).replace("torch.", "")
     rows.append(Row(f"per-matrix NS loop, quintic, {wname}, direct", f"NS loop quintic {wname} direct",
@@ -410,8 +474,62 @@ def main() -> None:
           f"bf16 matmul roofline measured in this run: {roof:.3f} TFLOP/s")
     print("# err: worst |diag(UᵀOV) − 1| over σ ≥ 1e-3·σ_max, one layer's 4 shapes, O = update / known scale; "
           "step() rows run their map row's map (same accuracy)")
+    mem_rows = [r for r in rows if r.memory is not None]
+    if mem_rows:
+        print("| step | allocated before the timed calls (MiB) | torch.cuda.max_memory_allocated during them (MiB) "
+              "| transient: peak − before (MiB) | optimizer state (MiB) |")
+        print("|---|---|---|---|---|")
+        for r in mem_rows:
+            m = r.memory
+            print(f"| {r.label} | {m.before_mib:.1f} | {m.peak_mib:.1f} | {m.transient_mib:.1f} | {m.state_mib:.1f} |")
+        print(f"# gradients and parameters of the {len(mats)} matrices: "
+              f"{2 * sum(p.numel() * 4 for p in params) / 2**20:.1f} MiB (fp32), included in 'before'")
+    else:
+        print("# step() memory: measured on CUDA only (torch.cuda.max_memory_allocated)")
+    print(acceptance(rows, roof))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(header=header, roofline_tflops=roof, direct_flops=direct_flops,
+                                                   rows=[row_dict(r, roof, muon_t) for r in rows]), indent=1))
+        print(f"# wrote {args.json}")
     if args.plot:
         plot(rows, args.plot, header)
+    return rows
+
+
+def row_dict(r: Row, roof: float, muon_t: float) -> dict:
+    tf = r.flops / r.seconds / 1e12
+    out = dict(label=r.label, kind=r.kind, default=r.default, ms=r.seconds * 1e3, gflop=r.flops / 1e9,
+               tflops=tf, roofline_fraction=tf / roof, muon_over_this=muon_t / r.seconds, err=r.acc.err,
+               sigma_max=r.acc.smax)
+    if r.memory is not None:
+        out["memory_mib"] = dict(before=r.memory.before_mib, peak=r.memory.peak_mib,
+                                 transient=r.memory.transient_mib, state=r.memory.state_mib)
+    return out
+
+
+#: Issue 33's targets for GPT-2 small's 48 hidden matrices on an H100/H200.
+TARGET_MAP_MS, TARGET_STEP_MS = 2.0, 2.5
+
+
+def acceptance(rows: list[Row], roof: float) -> str:
+    """One line per target: the default map and its step() against issue 33's times, their
+    error against Muon's in every family, and the map's roofline fraction."""
+    muon = next(r for r in rows if r.kind == "muon")
+    lines = [f"# acceptance (issue 33; targets are for GPT-2 small, 12 layers, d=768, on an H100/H200):"]
+    for kind, target in (("map", TARGET_MAP_MS), ("step", TARGET_STEP_MS)):
+        r = next((x for x in rows if x.default and x.kind == kind), None)
+        if r is None:
+            lines.append(f"#   default {kind}: no row")
+            continue
+        ms = r.seconds * 1e3
+        worse = [f for f in FAMILIES if not r.acc.err[f] <= muon.acc.err[f]]
+        tf = r.flops / r.seconds / 1e12
+        lines.append(f"#   default {'map' if kind == 'map' else 'step()'}: {ms:.2f} ms (target ≤ {target} ms: "
+                     f"{'met' if ms <= target else 'NOT met'}); error ≤ Muon's in every family: "
+                     f"{'yes' if not worse else 'NO (' + ', '.join(worse) + ')'}; "
+                     f"{tf:.4g} TFLOP/s = {tf / roof:.1%} of the measured bf16 roofline; "
+                     f"Muon.step() / this = {muon.seconds / r.seconds:.2f}×")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
