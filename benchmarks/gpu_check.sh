@@ -148,11 +148,12 @@ EOF
     has_part autotune && run_part autotune "$T_AUTOTUNE" "$PY" benchmarks/profile_map.py "${PROFILE[@]}" --what map \
         --compile-mode "$AUTOTUNE_MODE" --out "$RAW/autotune"
     if has_part train; then
-        # every run gets the same share of the time left, less set-up (analysis, torch.compile
-        # of the map, warm-up, evaluation, imports: about 25 s a run on a GPU)
+        # every run gets the same share of the time left, less set-up: imports and the corpus
+        # (25 s once), and per run the model, normgraph's analysis and torch.compile of its map
+        # in the warm-up, evaluation and the step() timing (40 s a run, with room to spare)
         read -r -a RUNS <<<"${TRAIN_RUNS:-normgraph:default muon:default adamw:default}"
         local left=$((DEADLINE - $(date +%s) - 5))
-        local per=$(((left - 25 - 25 * ${#RUNS[@]}) / ${#RUNS[@]}))
+        local per=$(((left - 25 - 40 * ${#RUNS[@]}) / ${#RUNS[@]}))
         ((per > 150)) && per=150
         ((per < 10)) && per=10
         if [[ "$DRY" == "1" ]]; then per=60; fi

@@ -20,8 +20,13 @@ map options. For each (`--what`):
     matmul kernels' time and their rate over the map's FLOPs (`normgraph.codegen.flops`), the
     other kernels' time, and the time the map's FLOPs would take at the roofline.
 
-Writes `OUTDIR/profile_<what>.md` (the tables, also printed) and `OUTDIR/trace_<what>.json.gz`
-(the Chrome/Perfetto trace of the profiled calls; open it at ui.perfetto.dev).
+Before them, `gemm_rates.md`: bf16 products of the map's sizes timed alone, the m×m product
+at the batch of one shape and at the batches merging shapes would give (the "fewer launches"
+lever), and X·Xᵀ of the rectangular shapes.
+
+Writes `OUTDIR/profile_<what>.md` (the tables, also printed), `OUTDIR/trace_<what>.json.gz`
+(the Chrome/Perfetto trace of the profiled calls; open it at ui.perfetto.dev),
+`OUTDIR/gemm_rates.md` and `OUTDIR/map_source.py` (the generated map).
 """
 from __future__ import annotations
 
@@ -138,6 +143,24 @@ def matmul_table(prof, device: torch.device, calls: int, roof: float) -> list[st
     return rows
 
 
+def gemm_table(d: int, layers: int, device: torch.device, roof: float, repeats: int) -> list[str]:
+    """bf16 products of the map's sizes timed alone: the m×m products (m = d) at the batch one
+    shape gives (`layers`) and at the batches that merging the shapes with the same m would give
+    (the three rectangular shapes' Gram loops: 3·layers; all four: 4·layers), and X·Xᵀ of the
+    rectangular shapes. A merged batch that runs at a higher rate is the "fewer launches" lever."""
+    dt = torch.bfloat16
+    cases = [(f"(B, {d}, {d}) @ (B, {d}, {d})", b, d, d, d) for b in (layers, 3 * layers, 4 * layers)]
+    cases += [(f"X·Xᵀ, X = (B, {d}, {n})", layers, d, n, d) for n in (3 * d, 4 * d)]
+    rows = ["| product | B | µs | TFLOP/s | roofline |", "|---|---|---|---|---|"]
+    for label, b, m, k, n in cases:
+        a = torch.randn(b, m, k, device=device, dtype=dt)
+        c = torch.randn(b, k, n, device=device, dtype=dt) if "Xᵀ" not in label else a.mT
+        secs = timeit(lambda: torch.bmm(a, c), device, repeats, warmup=3)
+        tf = 2 * b * m * k * n / secs / 1e12
+        rows.append(f"| {label} | {b} | {secs * 1e6:.1f} | {tf:.4g} | {tf / roof:.1%} |")
+    return rows
+
+
 def report(what: str, fn: Callable[[], object], flops: float, device: torch.device, args: argparse.Namespace,
            roof: float, header: str, out: Path) -> str:
     wall = timeit(fn, device, args.repeats, warmup=2)
@@ -197,6 +220,10 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     (out / "map_source.py").write_text(source)
     roof = matmul_tflops(device, n=8192 if device.type == "cuda" else 2048)
     texts = {}
+    gemms = "\n".join(["## bf16 products of the map's sizes, each timed alone (median of "
+                       f"{args.repeats}): {header}", "", *gemm_table(args.d, args.layers, device, roof, args.repeats), ""])
+    (out / "gemm_rates.md").write_text(gemms + "\n")
+    print(gemms, flush=True)
     for what in args.what:
         call = (lambda: fn(grads)) if what == "map" else opt.step
         text = report(what, call, flops, device, args, roof, header, out)

@@ -172,7 +172,8 @@ def test_gpu_check_dry_run(tmp_path) -> None:
     with tarfile.open(out / "raw.tar.gz") as tar:
         names = {n.removeprefix("./") for n in tar.getnames()}
     assert {"bench.json", "bench.log", "profile/profile_map.md", "profile/profile_step.md",
-            "profile/trace_map.json.gz", "train/train_compare.json", "train/train_compare.csv"} <= names, names
+            "profile/trace_map.json.gz", "profile/gemm_rates.md", "profile/map_source.py", "train/train_compare.json",
+            "train/train_compare.csv"} <= names, names
     bench = json.loads((raw / "bench.json").read_text())
     kinds = {r["kind"] for r in bench["rows"]}
     assert {"map", "step", "muon", "loop"} <= kinds
