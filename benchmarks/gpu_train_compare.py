@@ -474,7 +474,8 @@ def main(argv: list[str] | None = None) -> dict:
         runs.append(rec)
         print(f"  {rec['label']}: {len(rec['steps'])} steps in {rec['timed_s']:.1f} s ({rec['stopped']}), "
               f"train {rec['train_loss']:.4f}, held-out {rec['heldout_loss']:.4f}, "
-              f"set-up {rec['build_s']:.1f} + {rec['warmup_s']:.1f} s", flush=True)
+              f"set-up {rec['build_s']:.1f} + {rec['warmup_s']:.1f} s"
+              + ("" if rec["compiled"] is None else f", map compiled: {rec['compiled']}"), flush=True)
         table = write_outputs(out, meta, runs, args)
     print(table, flush=True)
     print(f"# wrote {out}/train_compare.{{json,csv,md{'' if args.no_plot else ',png'}}}", flush=True)
