@@ -167,12 +167,13 @@ def muon_split(model: torch.nn.Module, fam: Family, example: dict) -> list[torch
     return hidden
 
 
-def make_optimizer(kind: str, lr: float | None, model, fam: Family, proto: Protocol, example: dict):
+def make_optimizer(kind: str, lr: float | None, model, fam: Family, proto: Protocol, example: dict,
+                   options: dict | None = None):
     from normgraph.demo import baselines
     if kind == "normgraph":
         import normgraph
         kw = {} if lr is None else {"lr": lr}
-        return normgraph.compile(model, None, example, compile_mode="eager", **kw)
+        return normgraph.compile(model, None, example, compile_mode="eager", **(options or {}), **kw)
     if kind == "adamw":
         return baselines.adamw(model.parameters(), lr)
     if kind == "muon":
@@ -194,7 +195,8 @@ class Run:
     seconds: float = 0.0
 
 
-def train_one(fam_name: str, kind: str, lr_mult_or_lr: float, seed: int, proto: Protocol) -> Run:
+def train_one(fam_name: str, kind: str, lr_mult_or_lr: float, seed: int, proto: Protocol,
+              options: dict | None = None) -> Run:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     fam = FAMILIES[fam_name]
@@ -209,7 +211,7 @@ def train_one(fam_name: str, kind: str, lr_mult_or_lr: float, seed: int, proto: 
         import normgraph
         default = inspect.signature(normgraph.compile).parameters["lr"].default
         lr = default * lr_mult_or_lr
-    opt = make_optimizer(kind, lr, model, fam, proto, example)
+    opt = make_optimizer(kind, lr, model, fam, proto, example, options if kind == "normgraph" else None)
     groups = opt.param_groups
     for g in groups:
         g["base_lr"] = g["lr"]
@@ -263,9 +265,11 @@ def normgraph_fingerprint() -> str:
     return h.hexdigest()[:12]
 
 
-def _key(run: tuple[str, str, float, int], proto: Protocol, fingerprint: str) -> str:
+def _key(run: tuple[str, str, float, int], proto: Protocol, fingerprint: str, options: dict | None = None) -> str:
     fam, kind, lr, seed = run
     tag = fingerprint if kind == "normgraph" else f"torch{torch.__version__}"
+    if kind == "normgraph" and options:
+        tag += " " + json.dumps(options, sort_keys=True, default=str)
     return json.dumps([asdict(proto), fam, kind, lr, seed, tag], sort_keys=True)
 
 
@@ -336,7 +340,7 @@ def schedule(families: list[Family], proto: Protocol, kinds: tuple[str, ...], sw
 
 
 def run_all(families: list[Family], proto: Protocol, kinds: tuple[str, ...], sweep: bool, jobs: int,
-            cache: Cache, log=print) -> dict:
+            cache: Cache, log=print, options: dict | None = None) -> dict:
     fingerprint = normgraph_fingerprint()
     results: dict[tuple, Run] = {}
     pending = list(schedule(families, proto, kinds, sweep))
@@ -345,17 +349,17 @@ def run_all(families: list[Family], proto: Protocol, kinds: tuple[str, ...], swe
         while pending:
             todo = []
             for job in pending:
-                hit = cache.get(_key(job, proto, fingerprint))
+                hit = cache.get(_key(job, proto, fingerprint, options))
                 if hit is not None:
                     results[job] = hit
                 else:
                     todo.append(job)
-            futures = {pool.submit(train_one, *job, proto): job for job in todo}
+            futures = {pool.submit(train_one, *job, proto, options): job for job in todo}
             for fut in cf.as_completed(futures):
                 job = futures[fut]
                 run = fut.result()
                 results[job] = run
-                cache.put(_key(job, proto, fingerprint), run)
+                cache.put(_key(job, proto, fingerprint, options), run)
                 log(f"  {job[0]:14s} {job[1]:9s} lr={job[2]:<7g} seed={job[3]}  train {run.train:.4f}  "
                     f"held-out {run.held:.4f}  ({run.seconds:.0f} s)")
             pending = []
@@ -457,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=str(ROOT / "benchmarks/results/zoo_runs.json"),
                    help="JSON file of finished runs ('' for none)")
     p.add_argument("--out", default="", help="write the table (markdown) here too")
+    p.add_argument("--normgraph-option", nargs="*", default=[], metavar="NAME=VALUE",
+                   help="keyword arguments for normgraph.compile (a Python literal each), to score a variant "
+                        "of the default, e.g. body_decay=0.05")
     args = p.parse_args(argv)
     fams = [FAMILIES[n] for n in args.families] if args.families else list(FAMILIES.values())
     if args.split != "all":
@@ -467,8 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     print(f"# zoo: {len(fams)} families, protocol {asdict(proto)}, torch {torch.__version__}, "
           f"cpu {torch.backends.cpu.get_cpu_capability()}, normgraph source {normgraph_fingerprint()}", flush=True)
+    import ast
+    options = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.normgraph_option)}
     results = run_all(fams, proto, tuple(args.optimizers), not args.no_sweep, args.jobs, cache,
-                      log=lambda s: print(s, flush=True))
+                      log=lambda s: print(s, flush=True), options=options or None)
     rows = scores(results, fams, proto)
     text = table(rows) + "\n\n" + summary(rows) + f"\n\n(wall time {time.perf_counter() - start:.0f} s)\n"
     print(text)

@@ -101,3 +101,45 @@ def test_cli_demo_subcommand(tmp_path, capsys) -> None:
                    "--out", str(png)])
     assert rc in (0, None)
     assert "| normgraph |" in capsys.readouterr().out and png.exists()
+
+
+def test_muon_baseline_runs_in_fp32_without_native_bf16(corpus: Corpus, monkeypatch) -> None:
+    """On a CPU without native bf16 (forced here) the demo's Muon+AdamW baseline runs its
+    Newton–Schulz in fp32, as normgraph's map does, and the demo's table says so."""
+    from normgraph.codegen import orthogonalizers
+    from normgraph.demo import baselines
+
+    monkeypatch.setenv("NORMGRAPH_CPU_BF16", "0")
+    orthogonalizers.cpu_has_fast_bf16.cache_clear()
+    try:
+        seen: list[torch.dtype] = []
+        real = baselines._newton_schulz
+        monkeypatch.setattr(baselines, "_newton_schulz",
+                            lambda g, c, n, e, dtype: seen.append(dtype) or real(g, c, n, e, dtype))
+        r = demo.train("muon", 0.02, TINY, corpus, steps=2, batch_size=4, progress=False, heldout_batches=1)
+        n = demo.train("normgraph", 0.25, TINY, corpus, steps=1, batch_size=4, progress=False, heldout_batches=0)
+        assert seen and set(seen) == {torch.float32}
+        assert r.dtype == "fp32" and n.dtype == "fp32"
+        assert "| fp32 |" in demo.results_table([r]) and "native bf16 no" in demo.run.machine_line("cpu")
+        assert demo.train("adamw", 1e-3, TINY, corpus, steps=1, batch_size=4, progress=False,
+                          heldout_batches=0).dtype == "-"
+    finally:
+        monkeypatch.delenv("NORMGRAPH_CPU_BF16")
+        orthogonalizers.cpu_has_fast_bf16.cache_clear()
+
+
+def test_muon_iteration_in_fp32_is_torchs_in_more_precision() -> None:
+    """The fp32 iteration is torch.optim.Muon's own (same coefficients and steps): it agrees
+    with torch's bf16 result to bf16 precision and with an fp64 run more closely than that."""
+    import torch.optim._muon as tm
+
+    from normgraph.demo import baselines
+
+    g = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
+    coeffs, steps, eps = (3.4445, -4.7750, 2.0315), 5, 1e-7
+    ours = baselines._newton_schulz(g, coeffs, steps, eps, torch.float32)
+    exact = baselines._newton_schulz(g.double(), coeffs, steps, eps, torch.float64)
+    torchs = tm._zeropower_via_newtonschulz(g, coeffs, steps, eps).float()
+    assert (ours.double() - exact).abs().max() < 1e-4
+    assert (torchs - ours).abs().max() < 0.05
+    assert (torchs.double() - exact).abs().max() > (ours.double() - exact).abs().max()

@@ -29,10 +29,12 @@ import torch.fx as fx
 
 from ..core.graph import Atom, Diagnostics, NormGraph, budget_of
 from ..core.kinds import is_orthogonalized, kind_of
+from ..core.layout import matrix_options, part_options
 from ..core.wrappers import WRAPPER_PREFIX, unwrap_data_parallel
 from . import ops
 from .rules import (ATOM_RULES, PARAM_FLOW,
                     AtomSpec, BondInput, Use, bond_sensitivity, module_entry)
+from .patterns import attention_reads, output_parts, rotary_joins
 from .residual import Residuals, residuals
 from .scale import MATRIX_OPS, NORMALISATIONS, SCALE_PASSTHROUGH, SUMS, Scales, atom_gain, is_integer, scaled_bond
 from .trace import Captured, capture
@@ -61,7 +63,13 @@ BODY_REFERENCE_ATOMS = 28.0
 #: branches, plain or explicitly weighted (W ← W·(1 − lr·decay) − lr·update): with steps of
 #: fixed norm their norms otherwise grow without bound; with it a matrix settles at
 #: ≤ budget/decay in its own norm (docs/concepts.md §5, rule 6).
-BODY_DECAY = 0.05
+BODY_DECAY = 0.0
+#: Decoupled weight decay of the matrices inside explicitly weighted residual branches
+#: (modula's convex `(1 − 1/L)·x + f(x)/L`, the demo GPT's).
+WEIGHTED_BRANCH_DECAY = 0.05
+#: Decoupled weight decay of a matrix outside the body that reads the unnormalised residual
+#: stream (a ResNet's classifier after pooling): its logits grow with the stream.
+STREAM_READER_DECAY = 0.05
 #: Input scale above which a matrix outside the body reads an unnormalised residual stream
 #: (and decays too): a normalisation's output has scale 1 at initialisation, a stream after
 #: one plain join √2.
@@ -192,6 +200,9 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         D, assumed = downstream(cap, scales)
         diag.assumed_ops = assumed
         atoms = _graph_atoms(trainable, uses, D, kinds or {}, diag, scales)
+        parts: dict[str, int] = {}
+        if sensitivity == "hybrid":
+            parts = _weigh_fused_projections(atoms, uses, cap, scales.live, kinds or {}, diag)
         if stems and sensitivity == "hybrid":
             _mark_stems(atoms, uses, scales, kinds or {}, diag)
         plain = _residuals(cap, scales, plain_only=True) if body_mass is not None and scales else None
@@ -199,14 +210,15 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         if body:
             _weigh_position_tables(atoms, uses, scales.live, diag)
             _weigh_tied_head_norm(atoms, uses, cap, scales, diag)
-            _read_body_in_quadrature(body, body_reference, diag)
+            _read_body_in_quadrature(body, body_reference, parts, diag)
             if body_profile == "flat":
                 _flatten_body(body, uses, plain, D, diag)
         if channel_convs and sensitivity == "hybrid":  # after the body: its 1/K joins budget_scale
             _mark_channel_convs(atoms, uses, scales, kinds or {}, diag)
         if plain is not None:  # any residual, weighted ones too (modula's convex)
             every = _residuals(cap, scales, plain_only=False) if _has_weighted_join(cap, scales) else plain
-            _decay_body(_atoms_in(every.body, atoms, uses), atoms, uses, scales, body_decay, diag)
+            weighted = [a for a in _atoms_in(every.body, atoms, uses) if a not in body]
+            _decay_body(body, weighted, atoms, uses, scales, body_decay, diag)
         graph = _to_networkx(cap, D, uses, scales)
     _check_kinds(kinds or {}, trainable)
     apply_masses(atoms, masses or {})
@@ -254,7 +266,8 @@ def _body_decay(value: float | str) -> float:
     return float(value)
 
 
-def _read_body_in_quadrature(body: list[Atom], n_ref: float | None, diag: Diagnostics) -> None:
+def _read_body_in_quadrature(body: list[Atom], n_ref: float | None, parts: Mapping[str, int],
+                             diag: Diagnostics) -> None:
     """Scale the body atoms' budgets by √(n_eff / n_ref), n_eff = (Σm)²/Σm².
 
     Why: a fixed body mass split over n atoms gives each a share ∝ 1/n, as if all n changes
@@ -265,7 +278,7 @@ def _read_body_in_quadrature(body: list[Atom], n_ref: float | None, diag: Diagno
     if n_ref is None:
         return
     s1 = sum(a.mass for a in body)
-    s2 = sum(a.mass * a.mass for a in body)
+    s2 = sum(a.mass * a.mass / parts.get(a.name, 1) for a in body)  # a fused atom: k atoms of mass m/k
     if s1 <= 0 or s2 <= 0:
         return
     n_eff = s1 * s1 / s2
@@ -308,7 +321,7 @@ def _flatten_body(body: list[Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node
                       "(body_profile=\"flat\")")
 
 
-def _decay_body(body: list[Atom], atoms: dict[str, Atom],
+def _decay_body(body: list[Atom], weighted: list[Atom], atoms: dict[str, Atom],
                 uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]], scales: Scales,
                 decay: float, diag: Diagnostics) -> None:
     """Mark the matrices inside residual branches (`body`: of any residual, weighted or plain),
@@ -320,10 +333,9 @@ def _decay_body(body: list[Atom], atoms: dict[str, Atom],
     with the stream, and it overfit in cross-entropy); a head that reads a normalisation's
     output (ViT, Llama) does not: decaying it shrinks the logits themselves and cost train
     loss. Embeddings, gains and biases never do (docs/concepts.md §5, rule 6)."""
-    if decay <= 0:
-        return
-    inside = {a.name for a in body}
-    marked = [a for a in body if is_orthogonalized(a.kind)]
+    inside = {a.name for a in body + weighted}
+    marked = [a for a in body if is_orthogonalized(a.kind)] if decay > 0 else []
+    designed = [a for a in weighted if is_orthogonalized(a.kind)]
     readers = []
     for name, specs in uses.items():
         atom = atoms.get(name)
@@ -332,14 +344,97 @@ def _decay_body(body: list[Atom], atoms: dict[str, Atom],
         gains = [atom_gain(u, atom.kind, scales) for _, _, u in specs if u is not None]
         if gains and max(gains) > STREAM_INPUT_SCALE:
             readers.append(atom)
-    for a in marked + readers:
+    for a in marked:
         a.decay = decay
-    if marked or readers:
-        stream = f"{', '.join(a.name for a in readers)} (reading the unnormalised stream)"
-        what = (f"residual branches: their {len(marked)} matrices" + (f" and {stream}" if readers else "")
-                if marked else stream)
-        verb = "get" if marked or len(readers) > 1 else "gets"
-        diag.notes.append(f"{what} {verb} weight decay {decay:g} with compile(weight_decay=\"auto\")")
+    for a in designed:
+        a.decay = WEIGHTED_BRANCH_DECAY
+    if designed:
+        diag.notes.append(f"weighted residual branches: their {len(designed)} matrices get weight decay "
+                          f"{WEIGHTED_BRANCH_DECAY:g} with compile(weight_decay=\"auto\")")
+    for a in readers:
+        a.decay = STREAM_READER_DECAY
+    if marked:
+        diag.notes.append(f"residual branches: their {len(marked)} matrices get weight decay {decay:g} with "
+                          "compile(weight_decay=\"auto\")")
+    if readers:
+        diag.notes.append(f"{', '.join(a.name for a in readers)} (reading the unnormalised stream) "
+                          f"{'get' if len(readers) > 1 else 'gets'} weight decay {STREAM_READER_DECAY:g} with "
+                          "compile(weight_decay=\"auto\")")
+
+
+def _weigh_fused_projections(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
+                             cap: Captured, live: set[fx.Node], kinds: Mapping[str, str],
+                             diag: Diagnostics) -> dict[str, int]:
+    """A matrix whose output is read in k disjoint parts (a fused q/k/v or gate/up
+    projection, in any layout: `patterns.output_parts`) weighs k matrices: its mass, and its
+    bias's, × k; and each part is orthogonalized on its own where the layout allows.
+
+    Why: fusing separate projections into one matrix is a layout choice, not a change of the
+    network, so it must not change the steps. Counted as one atom, a fused q/k/v projection
+    got a third of the mass that the same three matrices get unfused, while its downstream
+    summed all three parts: each part moved a third as far as in Llama, and GPT-NeoX trained
+    to 2.13 where its matrices weighed as three reached 1.87 (docs/concepts.md §5)."""
+    by_node: dict[fx.Node, list[str]] = {}
+    for name, specs in uses.items():
+        if name in atoms and name not in kinds and len(specs) == 1 and atoms[name].kind in ("linear", "bias"):
+            by_node.setdefault(specs[0][1], []).append(name)
+    fused, counts = [], {}
+    for node, names in by_node.items():
+        weights = [n for n in names if atoms[n].kind == "linear" and len(atoms[n].shape) == 2]
+        if len(weights) != 1:
+            continue
+        atom = atoms[weights[0]]
+        val = node.meta.get("val", node.meta.get("example_value"))
+        rows = int(val.shape[-1]) if getattr(val, "shape", None) else 0
+        if rows not in atom.shape:
+            continue
+        parts = output_parts(node, rows, cap, live)
+        if not parts:
+            continue
+        k = len(parts)
+        for n in names:
+            atoms[n].mass *= k
+            atoms[n].note = f"{atoms[n].note}; output read in {k} parts: weighs {k}"
+            counts[n] = k
+        _orthogonalize_parts(atom, parts, rows)
+        fused.append(f"{atom.name} ×{k}")
+    if fused:
+        diag.notes.append(f"fused projections weigh their parts: {', '.join(fused)}")
+    return counts
+
+
+def _orthogonalize_parts(atom: Atom, parts: list[list[int]], rows: int) -> None:
+    """Give a fused matrix whose parts the matrix rule did not split one matrix view per part:
+    contiguous parts as `part_options`, parts interleaved with a period (per-head q/k/v) as
+    one batch. Other layouts keep the whole-matrix view (as Muon orthogonalizes them)."""
+    o = atom.options
+    if "parts" in o or (o.get("matrix") or [1])[0] != 1:
+        return  # the matrix rule already split it
+    out_in = atom.shape[0] == rows
+    cols = atom.shape[1] if out_in else atom.shape[0]
+    dim = 0 if out_in else 1
+    firsts = sorted(parts, key=lambda p: p[0])
+    if all(p == list(range(p[0], p[0] + len(p))) for p in firsts):  # contiguous blocks
+        specs = []
+        for p in firsts:
+            n = len(p)
+            view = matrix_options([n, cols], [0, 1], 1, n, cols) if out_in else matrix_options([cols, n], [1, 0], 1, n, cols)
+            specs.append((p[0], n, view))
+        atom.options = part_options(specs, dim)
+        return
+    k, first = len(parts), firsts[0]
+    g = next((i for i in range(1, len(first)) if first[i] != first[0] + i), len(first))  # one run's rows
+    period = k * g
+    if any(len(p) != len(first) for p in parts) or rows % period:
+        return
+    heads = rows // period
+    label = {r: i for i, p in enumerate(firsts) for r in p}
+    if any(label[r] != label[r % period] or label[r % period] != (r % period) // g for r in range(rows)):
+        return
+    if out_in:  # (heads, k, g, cols) -> (k, heads, g, cols)
+        atom.options = matrix_options([heads, k, g, cols], [1, 0, 2, 3], k, heads * g, cols)
+    else:       # (cols, heads, k, g) -> (k, heads, g, cols)
+        atom.options = matrix_options([cols, heads, k, g], [2, 1, 3, 0], k, heads * g, cols)
 
 
 def _mark_stems(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
@@ -496,9 +591,26 @@ def _gains_in_front(x: fx.Node, owners: dict[fx.Node, set[str]], cap: Captured, 
 
 
 def _fixed_rows(use: Use, live: set[fx.Node]) -> bool:
+    """The table is read at rows that carry no token: constant indices, or indices computed
+    from the input ids (RoBERTa's and MPNet's positions, `cumsum(ids != pad)`), not the ids."""
     if use.op == "embedding":
-        return not any(isinstance(v, fx.Node) and k != use.key and v in live for k, v in use.args.items())
+        return not any(isinstance(v, fx.Node) and k != use.key and v in live and _reads_ids(v)
+                       for k, v in use.args.items())
     return use.indexed  # sliced by constants on its way to an add: `x + wpe[:T]`
+
+
+#: Ops between a model input and a lookup that keep the input's ids as they are.
+_ID_PASSTHROUGH = {"view", "reshape", "to", "contiguous", "clone", "alias", "unsqueeze", "squeeze", "flatten",
+                   "expand", "getitem", "slice", "select", "narrow", "long", "int", "type"}
+
+
+def _reads_ids(index: fx.Node) -> bool:
+    """`index` is a model input's ids, moved or cast but not computed on."""
+    while index.op != "placeholder":
+        if ops.op_name(index) not in _ID_PASSTHROUGH or not index.args or not isinstance(index.args[0], fx.Node):
+            return False
+        index = index.args[0]
+    return True
 
 
 def _weigh_body(inside: list[Atom], total: float, diag: Diagnostics) -> list[Atom]:
@@ -599,6 +711,9 @@ def downstream(cap: Captured, scales: Scales | None = None) -> tuple[dict[fx.Nod
         D[out] += 1.0
     live = scales.live if scales is not None else _live(cap)
     rotations = scales.rotations if scales is not None else rotary_joins(cap, live)
+    # attention written out op by op reads as SDPA does in the scale modes (modula's own
+    # algebra counts every path of it, as its bond for SDPA counts q, k and v a whole each)
+    attention = attention_reads(cap, live, scales.weights) if scales is not None else {}
     assumed: dict[str, int] = {}
     for node in reversed(cap.graph.nodes):
         d = D[node] ** (1.0 / p_of(node))  # every use of `node` comes after it: its sum is complete
@@ -606,6 +721,16 @@ def downstream(cap: Captured, scales: Scales | None = None) -> tuple[dict[fx.Nod
             continue
         if node in rotations:  # a rotation of one activation: an isometry, one bond of 1
             D[rotations[node]] += d ** p_of(rotations[node])
+            continue
+        if node in attention:  # as `_attention_bond` reads SDPA: a third each, q and k relative
+            read, share = attention[node], d / 3.0
+            sv = scales(read.value)
+            D[read.value] += share ** p_of(read.value)
+            for a, b in read.products:
+                for x in (a, b):
+                    D[x] += (share * sv / (scales(x) or 1.0)) ** p_of(x)
+            for t in read.terms:
+                D[t] += (share * sv) ** p_of(t)
             continue
         op = ops.op_name(node, cap.modules)
         entry = module_entry(cap.modules[str(node.target)]) if node.op == "call_module" else None
@@ -624,58 +749,6 @@ def downstream(cap: Captured, scales: Scales | None = None) -> tuple[dict[fx.Nod
                 counted = True
             D[inp] += (s * d) ** p_of(inp)
     return {n: v ** (1.0 / p_of(n)) for n, v in D.items()}, assumed
-
-
-#: Ops that only rearrange or negate entries: a rotary embedding splits, negates and
-#: concatenates halves of one activation before weighting them by cos and sin.
-_REARRANGE = {"slice", "getitem", "narrow", "select", "split", "split_with_sizes", "chunk", "unbind",
-              "neg", "cat", "concat", "stack", "view", "reshape", "transpose", "permute", "contiguous",
-              "clone", "to", "unsqueeze", "squeeze", "flatten", "unflatten", "alias", "movedim", "expand"}
-
-
-def rotary_joins(cap: Captured, live: set[fx.Node]) -> dict[fx.Node, fx.Node]:
-    """Sums `x·cos ± R(x)·sin` (rotary position embeddings) → the activation x they rotate.
-
-    Each input of the add/sub must be one activation x, moved by `_REARRANGE` ops only,
-    times a constant (not live) tensor. With cos² + sin² = 1 the sum is a rotation of x: its
-    sensitivity to x is 1 (modula's), where the path sum would count 2-4 paths of 1 each.
-    """
-    out: dict[fx.Node, fx.Node] = {}
-    for node in cap.graph.nodes:
-        if ops.op_name(node, cap.modules) not in ("add", "sub") or len(node.all_input_nodes) != 2:
-            continue
-        sources: set[fx.Node] = set()
-        for term in node.all_input_nodes:
-            src = _rotated_source(term, live, cap)
-            if src is None:
-                break
-            sources |= src
-        else:
-            if len(sources) == 1:
-                out[node] = next(iter(sources))
-    return out
-
-
-def _rotated_source(term: fx.Node, live: set[fx.Node], cap: Captured) -> set[fx.Node] | None:
-    """The live activations behind `term = rearranged(x) * constant`, or None if not that shape."""
-    if ops.op_name(term, cap.modules) != "mul" or term not in live:
-        return None
-    tensors = term.all_input_nodes
-    data = [t for t in tensors if t in live]
-    if len(tensors) != 2 or len(data) != 1:
-        return None
-    sources: set[fx.Node] = set()
-    stack = [data[0]]
-    while stack:
-        v = stack.pop()
-        if ops.op_name(v, cap.modules) in _REARRANGE and v.op != "placeholder":
-            inputs = [i for i in v.all_input_nodes if i in live]
-            if not inputs:
-                return None
-            stack.extend(inputs)
-        else:
-            sources.add(v)
-    return sources
 
 
 # ---------------------------------------------------------------------------------------

@@ -123,6 +123,9 @@ class Scales:
         accumulation of independent terms."""
         if ops.op_name(node, self.modules) not in ("mul", "div"):
             return False
+        data = [v for v in node.args if isinstance(v, fx.Node) and v in self.live]
+        if self.hybrid and len(data) == 1 and _table_rows(data[0], self):
+            return False  # `table[ids] · √d`: the table's own multiplier (`_table_rows`), not a mixing weight
         for v in node.args:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(float(v)) != 1.0:
                 return True
@@ -349,11 +352,29 @@ def _sum_of_inputs(node: fx.Node, args: dict, S: Scales) -> float:
 
 
 def _product(node: fx.Node, args: dict, S: Scales) -> float:
+    rows = [v for v in args.values() if isinstance(v, fx.Node) and v in S.live]
+    if S.hybrid and len(rows) == 1 and _table_rows(rows[0], S):
+        return S(rows[0])  # `table[ids] · c`: the table's rows are sized with their multiplier
     out = 1.0
     for v in args.values():
         if isinstance(v, fx.Node) or (isinstance(v, (int, float)) and not isinstance(v, bool)):
             out *= S(v)
     return out
+
+
+def _table_rows(node: fx.Node, S: Scales) -> bool:
+    """`node` is the rows of a lookup table (through casts and views): an embedding's output.
+
+    Why its constant multiplier keeps its scale (hybrid mode): Gemma, BioGPT, Pegasus and
+    others multiply the token rows by √d, a reparameterisation of the table (its rows are
+    initialised that much smaller), not a stream √d times every branch. Read as √d · 1, the
+    stream's scale dwarfed every branch, the blocks' downstreams fell by √d and their budgets
+    rose by √d: Gemma's q and k moved 5.8 per step in their own norm (budget × lr 0.25). The
+    multiplier still counts in the table's own downstream (its bond is |c|), so the table's
+    effective rows move as an unscaled table's would."""
+    while ops.op_name(node, S.modules) in SCALE_PASSTHROUGH and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return ops.op_name(node, S.modules) == "embedding"
 
 
 def _quotient(node: fx.Node, args: dict, S: Scales) -> float:

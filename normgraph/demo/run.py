@@ -20,6 +20,9 @@ from typing import Callable, Sequence
 import torch
 
 from .. import api
+from ..codegen import orthogonalizers
+from . import baselines
+from .baselines import MultiOptimizer
 from .data import Corpus
 from .models import GPT, GPTConfig, loss_fn
 
@@ -43,22 +46,7 @@ class RunResult:
     train_loss: float = math.nan  # mean of the last 10% of steps (smooths batch noise)
     heldout_loss: float = math.nan
     seconds: float = 0.0
-
-
-class MultiOptimizer:
-    """Steps several optimizers as one (Muon for hidden matrices + AdamW for the rest)."""
-
-    def __init__(self, *opts: torch.optim.Optimizer) -> None:
-        self.opts = opts
-        self.param_groups = [g for o in opts for g in o.param_groups]
-
-    def step(self) -> None:
-        for o in self.opts:
-            o.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for o in self.opts:
-            o.zero_grad(set_to_none=set_to_none)
+    dtype: str = "fp32"  # the dtype the optimizer orthogonalized in ("-": it does not orthogonalize)
 
 
 def make_optimizer(name: str, model: torch.nn.Module, lr: float, example: torch.Tensor,
@@ -74,15 +62,10 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, example: torch.
         kwargs.setdefault("compile_mode", "eager")
         return api.compile(model, (example,), lr=lr, **kwargs)
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    if name == "muon":
+        return baselines.adamw(model.parameters(), lr)
+    if name == "muon":  # torch.optim.Muon, its Newton–Schulz in the machine's fast dtype (baselines.muon_dtype)
         hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and ".blocks." in f".{n}"]
-        ids = {id(p) for p in hidden}
-        rest = [p for p in model.parameters() if id(p) not in ids]
-        return MultiOptimizer(
-            torch.optim.Muon(hidden, lr=lr, weight_decay=0.0, momentum=0.95, nesterov=True),
-            torch.optim.AdamW(rest, lr=adam_lr or DEFAULT_LRS["adamw"], betas=(0.9, 0.95),
-                              weight_decay=0.0))
+        return baselines.muon_adamw(model, hidden, lr, adam_lr or DEFAULT_LRS["adamw"])
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
 
@@ -108,7 +91,7 @@ def train(name: str, lr: float, cfg: GPTConfig, corpus: Corpus, steps: int, batc
     opt = make_optimizer(name, model, lr, first, **opt_kwargs)
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
-    result = RunResult(name, lr)
+    result = RunResult(name, lr, dtype=orthogonalization_dtype(opt, device))
     bar = _progress(steps, f"{name} lr={lr:g}", progress)
     tail: list[float] = []
     for step in range(steps):
@@ -140,6 +123,30 @@ def train(name: str, lr: float, cfg: GPTConfig, corpus: Corpus, steps: int, batc
     return result
 
 
+def orthogonalization_dtype(opt, device: str | torch.device) -> str:
+    """The dtype `opt` orthogonalizes in: normgraph's map options (or the device default),
+    the baseline Muon's `ns_dtype`; "-" for an optimizer that does not orthogonalize."""
+    names = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16", torch.float64: "fp64"}
+    if isinstance(opt, MultiOptimizer):
+        dtype = opt.ns_dtype
+    elif hasattr(opt, "map_options"):
+        dtype = opt.map_options.dtype or orthogonalizers.compute_dtype(torch.device(device))
+    else:
+        return "-"
+    return names.get(dtype, str(dtype).replace("torch.", "")) if dtype is not None else "-"
+
+
+def machine_line(device: str) -> str:
+    """What the timings depend on: the CPU's vector capability and whether it multiplies bf16
+    natively (without it bf16 is emulated and each optimizer here orthogonalizes in fp32)."""
+    if torch.device(device).type == "cuda":
+        return f"device: {torch.cuda.get_device_name(torch.device(device))}"
+    cap = torch.backends.cpu.get_cpu_capability()
+    bf16 = orthogonalizers.cpu_has_fast_bf16()
+    return (f"cpu: {cap}, native bf16 {'yes' if bf16 else 'no'} (orthogonalization in "
+            f"{'bf16' if bf16 else 'fp32'}; NORMGRAPH_CPU_BF16=0/1 overrides)")
+
+
 def _progress(total: int, desc: str, enabled: bool):
     try:
         from tqdm.auto import tqdm
@@ -156,10 +163,10 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def results_table(results: Sequence[RunResult]) -> str:
     """Markdown table of final train loss, held-out loss and wall time."""
-    lines = ["| optimizer | lr | train loss | held-out loss | wall time (s) |",
-             "|---|---|---|---|---|"]
+    lines = ["| optimizer | lr | orthogonalizes in | train loss | held-out loss | wall time (s) |",
+             "|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r.name} | {r.lr:g} | {r.train_loss:.3f} | {r.heldout_loss:.3f} "
+        lines.append(f"| {r.name} | {r.lr:g} | {r.dtype} | {r.train_loss:.3f} | {r.heldout_loss:.3f} "
                      f"| {r.seconds:.1f} |")
     return "\n".join(lines)
 
@@ -255,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"device={args.device} threads={torch.get_num_threads()}")
     print(f"train: {len(corpus.train):,} bytes of stdlib source; held-out: "
           f"{len(corpus.heldout):,} bytes of other stdlib files")
+    print(machine_line(args.device))
     if args.sweep:
         grid = {n: [float(v) for v in args.sweep_lrs.split(",")] if args.sweep_lrs else SWEEP_LRS[n]
                 for n in names}

@@ -1,0 +1,176 @@
+"""Patterns read by their math: the same network written differently gets the same budgets.
+
+Each test builds one pre-norm residual network in two spellings that compute the same
+function class (separate or fused q/k/v, SDPA or attention written out, full or partial
+rotary, a table with or without a constant multiplier) and checks that the analysis gives
+the corresponding atoms the same budgets (docs/concepts.md §5, "patterns").
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import normgraph
+from normgraph.core.layout import as_matrices, atom_parts
+
+D, H, T, V, L = 32, 4, 8, 50, 2
+HD = D // H
+IDS = torch.randint(0, V, (2, T))
+
+
+def heads(z: torch.Tensor) -> torch.Tensor:
+    b, t, _ = z.shape
+    return z.view(b, t, H, HD).transpose(1, 2)
+
+
+def merge(y: torch.Tensor) -> torch.Tensor:
+    b, _, t, _ = y.shape
+    return y.transpose(1, 2).reshape(b, t, D)
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """A rotary embedding on the last dim (cos/sin tables are constants)."""
+    n = x.shape[-1]
+    pos = torch.arange(x.shape[-2], dtype=torch.float32)[:, None]
+    freq = pos / (10000 ** (torch.arange(0, n, 2, dtype=torch.float32) / n))
+    cos, sin = torch.cat([freq.cos()] * 2, -1), torch.cat([freq.sin()] * 2, -1)
+    x1, x2 = x[..., : n // 2], x[..., n // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, layout: str, written: bool = False, rotary: str = "none") -> None:
+        super().__init__()
+        self.layout, self.written, self.rotary = layout, written, rotary
+        if layout == "separate":
+            self.q, self.k, self.v = (nn.Linear(D, D, bias=False) for _ in range(3))
+        else:
+            self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.o = nn.Linear(D, D, bias=False)
+
+    def qkv_heads(self, x):
+        b, t, _ = x.shape
+        if self.layout == "separate":
+            return heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        if self.layout == "contiguous":
+            return tuple(heads(z) for z in self.qkv(x).split(D, dim=-1))
+        # interleaved per head, as GPT-NeoX and Bloom lay it out: (head, q/k/v, head_dim)
+        return self.qkv(x).view(b, t, H, 3 * HD).transpose(1, 2).chunk(3, dim=-1)
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        if self.rotary == "full":
+            q, k = rotate(q), rotate(k)
+        elif self.rotary == "partial":  # rotate half the head dims, pass the rest, put back
+            r = HD // 2
+            q = torch.cat([rotate(q[..., :r]), q[..., r:]], -1)
+            k = torch.cat([rotate(k[..., :r]), k[..., r:]], -1)
+        if self.written:
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(HD)
+            y = torch.softmax(scores, dim=-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(merge(y))
+
+
+class Net(nn.Module):
+    def __init__(self, layout: str = "separate", written: bool = False, rotary: str = "none",
+                 multiplier: float | None = None) -> None:
+        super().__init__()
+        self.multiplier = multiplier
+        self.emb = nn.Embedding(V, D)
+        self.blocks = nn.ModuleList(Attention(layout, written, rotary) for _ in range(L))
+        self.norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(L))
+        self.fc = nn.ModuleList(nn.Linear(D, 4 * D, bias=False) for _ in range(L))
+        self.proj = nn.ModuleList(nn.Linear(4 * D, D, bias=False) for _ in range(L))
+        self.norms2 = nn.ModuleList(nn.LayerNorm(D) for _ in range(L))
+        self.final = nn.LayerNorm(D)
+        self.head = nn.Linear(D, V, bias=False)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        if self.multiplier is not None:
+            x = x * self.multiplier
+        for attn, n1, fc, proj, n2 in zip(self.blocks, self.norms, self.fc, self.proj, self.norms2):
+            x = x + attn(n1(x))
+            x = x + proj(F.gelu(fc(n2(x))))
+        return self.head(self.final(x))
+
+
+def budgets(**kw) -> dict[str, float]:
+    torch.manual_seed(0)
+    return {n: a.budget for n, a in normgraph.analyze(Net(**kw), (IDS,)).atoms.items()}
+
+
+def test_fused_qkv_weighs_as_three_separate_matrices():
+    """Fusion invariance: a fused q/k/v matrix (either layout) moves each part as far as the
+    separate q, k and v matrices move, and every other atom keeps its budget."""
+    sep = budgets(layout="separate")
+    for layout in ("contiguous", "interleaved"):
+        fused = budgets(layout=layout)
+        for i in range(L):
+            for part in ("q", "k", "v"):
+                assert fused[f"blocks.{i}.qkv.weight"] == pytest.approx(sep[f"blocks.{i}.{part}.weight"], rel=1e-9)
+        others = [n for n in sep if ".q." not in n and ".k." not in n and ".v." not in n]
+        for n in others:
+            assert fused[n] == pytest.approx(sep[n], rel=1e-9), n
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "interleaved"])
+def test_fused_qkv_orthogonalizes_each_part(layout):
+    """The dual sees three (D × D) matrices, and they are the rows of q, k and v."""
+    torch.manual_seed(0)
+    model = Net(layout=layout)
+    atom = normgraph.analyze(model, (IDS,)).atoms["blocks.0.qkv.weight"]
+    assert "3 parts" in atom.note
+    w = model.blocks[0].qkv.weight.detach()
+    mats = [as_matrices(w if sl is None else w.narrow(*sl), sub.options) for sl, sub in atom_parts(atom)]
+    mats = torch.cat(mats)
+    assert mats.shape == (3, D, D)
+    if layout == "contiguous":
+        expected = w.view(3, D, D)
+    else:  # rows (head, part, head_dim): part p is rows h·3·HD + p·HD + j
+        expected = w.view(H, 3, HD, D).transpose(0, 1).reshape(3, D, D)
+    torch.testing.assert_close(mats, expected)
+
+
+def test_written_out_attention_reads_as_sdpa():
+    """softmax(q·kᵀ/√d)·v written op by op gets the budgets of the same attention in one
+    SDPA call: q, k and v a third each, q and k in relative terms."""
+    sdpa, written = budgets(), budgets(written=True)
+    for n in sdpa:
+        assert written[n] == pytest.approx(sdpa[n], rel=1e-9), n
+
+
+def test_partial_rotary_reads_as_a_rotation():
+    """Rotating half of q and k and concatenating the pass-through half back is a rotation:
+    the same budgets as full rotary and as no rotary (SDPA reads q and k relative)."""
+    none, full, partial = budgets(), budgets(rotary="full"), budgets(rotary="partial")
+    for n in none:
+        assert full[n] == pytest.approx(none[n], rel=1e-9), n
+        assert partial[n] == pytest.approx(none[n], rel=1e-9), n
+
+
+def test_table_multiplier_is_part_of_the_table():
+    """`emb(ids) · √d` (Gemma, BioGPT, Pegasus): the body reads as the unscaled model's, and
+    the table's own downstream carries the multiplier, so its rows × √d move as an unscaled
+    table's rows do."""
+    c = math.sqrt(D)
+    plain, scaled = budgets(), budgets(multiplier=c)
+    for n in plain:
+        if n == "emb.weight":
+            assert scaled[n] * c == pytest.approx(plain[n], rel=1e-9)
+        else:
+            assert scaled[n] == pytest.approx(plain[n], rel=1e-9), n
+
+
+def test_partial_rotary_of_a_separate_q_is_not_a_fused_projection():
+    """Slicing q for partial rotary and putting it back is one part, not two."""
+    torch.manual_seed(0)
+    ng = normgraph.analyze(Net(rotary="partial"), (IDS,))
+    assert "parts" not in ng.atoms["blocks.0.q.weight"].note
+    assert ng.atoms["blocks.0.q.weight"].mass == ng.atoms["blocks.0.o.weight"].mass
