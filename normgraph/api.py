@@ -23,7 +23,7 @@ from .core.graph import NormGraph
 from .io.annotations import check_against, load as load_json
 from .io.onnx import read_onnx_annotations, write_onnx
 from .core.wrappers import WRAPPER_PREFIX, unwrap_data_parallel
-from .optim.optimizer import NormGraphOptimizer
+from .optim.optimizer import NormGraphOptimizer, refuse_meta
 
 
 def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: dict[str, Any] | None = None, *,  # noqa: A001
@@ -70,6 +70,7 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
                          compute_dtype=compute_dtype, ns_method=ns_method, compile_mode=compile_mode,
                          backend=backend, max_batch_bytes=max_batch_bytes)  # validated before anything is traced
     inner = unwrap_data_parallel(model)
+    refuse_meta(dict(inner.named_parameters()))  # before any tracing: a meta model has no weights to step
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     group = model.process_group if ddp else None
     if shard_map is None:

@@ -92,6 +92,8 @@ class Scales:
         self.p = p
         self.hybrid = hybrid
         self._values = values or {}
+        #: constants whose values were needed but are on the meta device (read as 1)
+        self.unknown: list[fx.Node] = []
         self.modules = modules
         self.value: dict[fx.Node, float] = {}
         self._roots: dict[fx.Node, int] = {}  # memo of `_root_bits`
@@ -220,7 +222,10 @@ class Scales:
                 return 0.0
             value = self._values.get(node)
             if (node not in self.live and isinstance(value, torch.Tensor) and value.numel()
-                    and value.is_floating_point() and not value.is_meta):  # meta (an FSDP2 shadow): unknown
+                    and value.is_floating_point()):
+                if value.is_meta:  # a weightless model or an FSDP2 shadow: unknown, read as 1
+                    self.unknown.append(node)
+                    return 1.0
                 return float(value.detach().abs().max())  # a stored constant: `x * sqrt(d)`
             return 1.0
         if node.op == "output":

@@ -86,6 +86,7 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         if isinstance(params, torch.nn.Module):
             params = unwrap_data_parallel(params)  # names as the analysis sees them (no "module.")
         named = dict(params.named_parameters() if isinstance(params, torch.nn.Module) else params)
+        refuse_meta(named)
         self.norm_graph = norm_graph
         groups = [{"params": [p], "name": name, "row_confidence": _rows_scaled(name, norm_graph, row_confidence)}
                   for name, p in _trainable(named, norm_graph)]
@@ -328,6 +329,16 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("last_step_skipped", False)
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("reuse_grads", True)
+
+
+def refuse_meta(named: dict[str, torch.Tensor]) -> None:
+    """Meta tensors have shapes but no data: analysis works on them, a step cannot."""
+    meta = [n for n, p in named.items() if p.requires_grad and p.is_meta]
+    if meta:
+        raise ValueError(f"parameters {', '.join(meta[:3])}{' …' if len(meta) > 3 else ''} are on the meta "
+                         "device (no data): build the optimizer after model.to_empty(device=...) and "
+                         "loading or initialising the weights (normgraph.analyze works on the meta model: "
+                         "save its annotations and pass them as compile(..., annotations=...))")
 
 
 def _any_dtensor(tensors: list[torch.Tensor]) -> bool:
