@@ -24,6 +24,11 @@ the step (the process runs with MALLOC_MMAP_THRESHOLD_=65536 so that freed tenso
 RSS). On CUDA the peak is torch.cuda.max_memory_allocated above memory_allocated, reset
 before the step.
 
+`--map N,R,C` measures the generated map alone instead: N same-shaped R×C fp32 gradients (e.g.
+1024,1024,1024: 4 GiB), updates written into the gradients, with the default cap (and with
+`--map-uncapped` also without one, which needs several times the gradients' bytes): the cap,
+the gradients' bytes and the map's peak tensor bytes above the gradients.
+
 Optimizers: normgraph (its defaults: momentum with Nesterov, the map in batches of at most
 max_batch_bytes, updates written into the gradients), normgraph with reuse_grads=False
 (gradients left untouched), AdamW (torch's defaults for the device), torch.optim.Muon on every
@@ -184,6 +189,35 @@ def run_one(name: str, args: argparse.Namespace) -> dict[str, float]:
     return result
 
 
+def map_only(args: argparse.Namespace) -> None:
+    from normgraph import codegen
+    from normgraph.codegen.emit import batch_cap
+    from normgraph.core import Atom, layout
+
+    torch.set_num_threads(args.threads)
+    n, r, c = (int(v) for v in args.map.split(","))
+    atoms = [Atom(f"w{k}", "linear", (r, c), budget=0.1, options=layout.matrix_options([1, r, c], [0, 1, 2], 1, r, c))
+             for k in range(n)]
+    grads = [torch.randn(r, c) for _ in range(n)]
+    total = sum(g.numel() * g.element_size() for g in grads)
+    print(f"# map alone: {n} × ({r}×{c}) fp32 gradients, {total / MIB:.0f} MiB; torch {torch.__version__}, "
+          f"{args.threads} threads, ns_steps={args.ns_steps}")
+    print("| max_batch_bytes | cap (MiB) | batches of the group | peak above the gradients (tensors) |")
+    print("|---|---|---|---|")
+    for cap_opt in ["auto"] + ([None] if args.map_uncapped else []):
+        opts = codegen.MapOptions(compile_mode="eager", ns_steps=args.ns_steps, max_batch_bytes=cap_opt)
+        cap = batch_cap(atoms, [("float32", "cpu")] * n, opts)
+        src, fn = codegen.generate(atoms, opts)
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn(grads, out=grads)
+        peak = _tensor_peak(prof.profiler.kineto_results.events())
+        batches = src.count("o0 = ")
+        cap_text = "none" if cap is None else f"{cap / MIB:.0f}"
+        print(f"| {cap_opt} | {cap_text} | {batches} | {peak / MIB:.0f} MiB ({peak / total:.3f}× the gradients"
+              f"{'' if cap is None else f', {peak / cap:.2f}× the cap'}) |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8)
@@ -197,8 +231,14 @@ def main() -> None:
     ap.add_argument("--compile-mode", default="eager", help="normgraph's compile_mode (default eager)")
     ap.add_argument("--max-batch-bytes", default="auto", help="auto (default), none, or a number of bytes")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    ap.add_argument("--map", metavar="N,R,C", help="measure the map alone on N same-shaped R×C gradients")
+    ap.add_argument("--map-uncapped", action="store_true", help="with --map: also without a cap")
+    ap.add_argument("--ns-steps", type=int, default=5, help="with --map: Newton–Schulz steps")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one optimizer, print JSON
     args = ap.parse_args()
+    if args.map:
+        map_only(args)
+        return
     if args.one:
         print(json.dumps(run_one(args.one, args)))
         return
