@@ -25,8 +25,9 @@ RSS). On CUDA the peak is torch.cuda.max_memory_allocated above memory_allocated
 before the step.
 
 `--map N,R,C` measures the generated map alone instead: N same-shaped R×C fp32 gradients (e.g.
-1024,1024,1024: 4 GiB), updates written into the gradients, with the default cap (and with
-`--map-uncapped` also without one, which needs several times the gradients' bytes): the cap,
+1024,1024,1024: 4 GiB), updates written into the gradients, with --max-batch-bytes (default
+auto) and --compile-mode (with `--map-uncapped` also without a cap, which needs several times
+the gradients' bytes): the cap,
 the gradients' bytes and the map's peak tensor bytes above the gradients.
 
 Optimizers: normgraph (its defaults: momentum with Nesterov, the map in batches of at most
@@ -201,19 +202,23 @@ def map_only(args: argparse.Namespace) -> None:
     grads = [torch.randn(r, c) for _ in range(n)]
     total = sum(g.numel() * g.element_size() for g in grads)
     print(f"# map alone: {n} × ({r}×{c}) fp32 gradients, {total / MIB:.0f} MiB; torch {torch.__version__}, "
-          f"{args.threads} threads, ns_steps={args.ns_steps}")
+          f"{args.threads} threads, ns_steps={args.ns_steps}, compile_mode={args.compile_mode}")
     print("| max_batch_bytes | cap (MiB) | batches of the group | peak above the gradients (tensors) |")
     print("|---|---|---|---|")
-    for cap_opt in ["auto"] + ([None] if args.map_uncapped else []):
-        opts = codegen.MapOptions(compile_mode="eager", ns_steps=args.ns_steps, max_batch_bytes=cap_opt)
+    chosen = None if args.max_batch_bytes == "none" else (
+        "auto" if args.max_batch_bytes == "auto" else int(args.max_batch_bytes))
+    for cap_opt in [chosen] + ([None] if args.map_uncapped and chosen is not None else []):
+        opts = codegen.MapOptions(compile_mode=args.compile_mode, ns_steps=args.ns_steps, max_batch_bytes=cap_opt)
         cap = batch_cap(atoms, [("float32", "cpu")] * n, opts)
         src, fn = codegen.generate(atoms, opts)
+        if args.compile_mode != "eager":  # compile first (not profiled)
+            fn(grads, out=grads)
         from torch.profiler import ProfilerActivity, profile as torch_profile
         with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn(grads, out=grads)
         peak = _tensor_peak(prof.profiler.kineto_results.events())
         batches = src.count("o0 = ")
-        cap_text = "none" if cap is None else f"{cap / MIB:.0f}"
+        cap_text = "none" if cap is None else f"{cap / MIB:.3g}"
         print(f"| {cap_opt} | {cap_text} | {batches} | {peak / MIB:.0f} MiB ({peak / total:.3f}× the gradients"
               f"{'' if cap is None else f', {peak / cap:.2f}× the cap'}) |", flush=True)
 

@@ -227,6 +227,8 @@ def _emit_orthogonalize(gi: int, g: Group, p: _OrthoPlan, call: tuple[str, str],
     plain = all(_is_plain(a) for _, a, _ in g.members)
     work_name = str(work).replace("torch.", "")
     cast_in = f".to(torch.{work_name})" if work_name != g.dtype else ""
+    # back to the gradients' dtype once per batch: the iteration's work tensors are freed by then
+    cast_out = f".to(torch.{g.dtype})" if cast_in else ""
     defaults = _call_defaults(p.entry.fn)
     extra = "".join(f", {k}={_literal(v)}" for k, v in settings.items()
                     if k not in p.common and not (k in defaults and defaults[k] == v))
@@ -237,11 +239,11 @@ def _emit_orthogonalize(gi: int, g: Group, p: _OrthoPlan, call: tuple[str, str],
         fn_global, common = call
         if len(views) == 1:
             stacked = views[0] + (".unsqueeze(0)" if plain else "")
-            out.append(f"    o{gi} = {fn_global}({stacked}{common}{extra}){'.mT' if tall else ''}")
+            out.append(f"    o{gi} = {fn_global}({stacked}{common}{extra}){'.mT' if tall else ''}{cast_out}")
         else:
             joined = "".join(f"        {v},\n" for v in views)
             out.append(f"    o{gi} = {fn_global}(torch.{'stack' if plain else 'cat'}([\n{joined}    ]){common}{extra})"
-                       + (".mT" if tall else ""))
+                       + (".mT" if tall else "") + cast_out)
         start = 0
         for i, a, where in members:
             b = a.options["matrix"][0]
@@ -251,10 +253,7 @@ def _emit_orthogonalize(gi: int, g: Group, p: _OrthoPlan, call: tuple[str, str],
             note = f"  # budget {a.budget:.4g} · sqrt({r}/{c})" + (
                 f" / {a.options.get('norm_scale', 1.0):g}" if a.options.get("norm_scale", 1.0) != 1 else "")
             viewed, scale = _view_out(piece, a, batched=not plain), _lit(matrix_scale(a))
-            if cast_in:  # back to the gradient's dtype in the copy, then scaled there (as o.to(dtype) * scale)
-                out.append(f"    {_target(i, where)}.copy_({viewed}).mul_({scale}){note}")
-            else:
-                out.append(f"    torch.mul({viewed}, {scale}, out={_target(i, where)}){note}")
+            out.append(f"    torch.mul({viewed}, {scale}, out={_target(i, where)}){note}")
         out.append(f"    del o{gi}")
         after_batch(sum(_member_bytes(a, g) for _, a, _ in members))
 
