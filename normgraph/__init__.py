@@ -7,7 +7,8 @@ The package reads as the pipeline, one subpackage per pass over the data in `cor
     optim    (functional step, NormGraphOptimizer)
     io       (JSON annotations, ONNX, graph formats)
 
-`api` wires passes together (`compile`, `export_onnx`); `cli` and `demo` sit on top.
+`api` wires passes together (`compile`, `export_onnx`); `cli`, `hf` (weightless transformers
+models from a config) and `demo` sit on top.
 """
 from .analysis import analyze, register_atom_rule, register_bond_rule, register_module_rule, register_op
 from .analysis import register_scale_rule
@@ -16,6 +17,7 @@ from .codegen import MapOptions, register_orthogonalizer
 from .core import Atom, Diagnostics, NormGraph, register_kind
 from .io import read_onnx_annotations
 from .optim import NormGraphOptimizer
+from . import hf  # transformers models from a config, without weights (imports transformers lazily)
 
 __all__ = [
     "analyze", "compile", "load", "export_onnx", "read_onnx_annotations",

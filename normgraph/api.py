@@ -23,7 +23,7 @@ from .core.graph import NormGraph
 from .io.annotations import check_against, load as load_json
 from .io.onnx import read_onnx_annotations, write_onnx
 from .core.wrappers import WRAPPER_PREFIX, unwrap_data_parallel
-from .optim.optimizer import NormGraphOptimizer
+from .optim.optimizer import NormGraphOptimizer, refuse_meta
 
 
 def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: dict[str, Any] | None = None, *,  # noqa: A001
@@ -33,13 +33,14 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
             annotations: NormGraph | str | os.PathLike | None = None, masses: dict[str, float] | None = None,
             compute_dtype: torch.dtype | None = None, ns_method: str = "auto", compile_mode: str = "default",
             backend: str | None = "inductor", sensitivity: str = DEFAULT_SENSITIVITY, shard_map: bool | None = None,
+            max_batch_bytes: int | str | None = "auto", reuse_grads: bool = True,
             **analyze_kwargs: Any) -> NormGraphOptimizer:
     """Analyze `model` (or take `annotations`: a NormGraph or a JSON path, no tracing then)
     and build the optimizer around its generated duality map.
 
     The map options (`orthogonalizer`: any registered name, see
     `normgraph.register_orthogonalizer`; `ns_steps`, `ns_coefficients`, `compute_dtype`,
-    `ns_method`, `compile_mode`, `backend`) form one `MapOptions`, kept in the optimizer's
+    `ns_method`, `compile_mode`, `backend`, `max_batch_bytes`) form one `MapOptions`, kept in the optimizer's
     state dict. `compile_mode="eager"` (or `backend=None`) skips torch.compile; if compiling
     fails the map warns and runs eagerly. Unknown keyword arguments go to
     `normgraph.analyze` (e.g. ``conv_mode="flatten"``), and so does `sensitivity`.
@@ -57,14 +58,19 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
     row-normalised atom (tables, and `channel_conv` filters); False: none (every row of an
     embedding moves by the full budget).
 
+    `reuse_grads=True` (default) keeps the step's memory at the momentum buffers by writing the
+    look-ahead and the update into each `.grad` (`NormGraphOptimizer`); False leaves the
+    gradients untouched.
+
     A `DistributedDataParallel` model is analysed through its `.module` (names, masses and
     annotations work with or without the "module." prefix), and by default (`shard_map=None`)
     its ranks split the orthogonalizations (`normgraph.optim.sharded`, docs/distributed.md).
     """
     options = MapOptions(orthogonalizer=orthogonalizer, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
                          compute_dtype=compute_dtype, ns_method=ns_method, compile_mode=compile_mode,
-                         backend=backend)  # validated before anything is traced
+                         backend=backend, max_batch_bytes=max_batch_bytes)  # validated before anything is traced
     inner = unwrap_data_parallel(model)
+    refuse_meta(dict(inner.named_parameters()))  # before any tracing: a meta model has no weights to step
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     group = model.process_group if ddp else None
     if shard_map is None:
@@ -83,7 +89,7 @@ def compile(model: torch.nn.Module, example_inputs: Any = None, example_kwargs: 
         check_against(norm_graph, inner)  # lists every mismatch with the model at once
     return NormGraphOptimizer(inner, norm_graph, lr=lr, momentum=momentum, nesterov=nesterov,
                               weight_decay=weight_decay, row_confidence=row_confidence, map_options=options,
-                              shard_map=shard_map,
+                              shard_map=shard_map, reuse_grads=reuse_grads,
                               process_group=group)
 
 

@@ -2,7 +2,9 @@
 
 Errors are one line on stderr and exit code 1 (2 for usage errors); `--debug` shows the
 traceback. MODEL is `module:factory`, `path/to/file.py:factory`, `path/to/file.py` (which
-defines `build_model()` or `model`), or a saved annotations file (.json / .onnx).
+defines `build_model()` or `model`), or a saved annotations file (.json / .onnx). Instead of
+MODEL, `--config path/config.json` or `--model-type llama --set num_hidden_layers=80 ...`
+builds a transformers model on the meta device (no weights, nothing downloaded).
 """
 from __future__ import annotations
 
@@ -158,8 +160,37 @@ def check_inputs(model: Any, inputs: tuple[Any, ...], spec: str) -> None:
                        " (set --input-shape / --input-dtype)") from e
 
 
+def config_model(args: argparse.Namespace) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    """(weightless model, example args, example kwargs) for --config / --model-type."""
+    try:
+        from . import hf
+        overrides = hf.parse_overrides(args.set)
+        config = hf.load_config(args.config, model_type=args.model_type, overrides=overrides)
+        model = hf.weightless_model(config, task=args.task)
+        shape = parse_shape(args.input_shape[0]) if args.input_shape else None
+        inputs, kwargs = hf.example_inputs(model, shape=shape)
+    except (ImportError, ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from e
+    except Exception as e:  # a transformers model that cannot be built from this config
+        raise CLIError(f"building the model failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    return model, inputs, kwargs
+
+
 def norm_graph_for(args: argparse.Namespace) -> tuple[Any, Any, tuple[Any, ...] | None]:
-    """(NormGraph, model or None, example inputs) for the MODEL argument."""
+    """(NormGraph, model or None, example inputs) for the MODEL argument (or --config /
+    --model-type)."""
+    from_config = args.config is not None or args.model_type is not None
+    if not from_config and (args.set or args.task != "auto"):
+        raise CLIError("--set and --task apply to --config / --model-type")
+    if from_config:
+        model, inputs, kwargs = config_model(args)
+        try:
+            ng = analyze(model, inputs, kwargs, masses=parse_masses(args.masses), sensitivity=args.sensitivity)
+        except CLIError:
+            raise
+        except Exception as e:
+            raise CLIError(f"analysing {type(model).__name__} failed: {type(e).__name__}: {e}") from e
+        return ng, model, inputs
     suffix = Path(args.model).suffix.lower()
     if suffix in (".json", ".onnx") and ":" not in args.model:
         if not Path(args.model).is_file():
@@ -168,6 +199,8 @@ def norm_graph_for(args: argparse.Namespace) -> tuple[Any, Any, tuple[Any, ...] 
         return reader(args.model), None, None
     model = build_model(args.model)
     inputs = example_inputs(model, args.input_shape, args.input_dtype)
+    if inputs is not None and any(p.is_meta for p in model.parameters()):  # a weightless model: meta inputs
+        inputs = tuple(x.to("meta") for x in inputs)
     if inputs is not None:
         check_inputs(model, inputs, args.model)
     try:
@@ -196,6 +229,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if fmt == "onnx":
         if model is None:
             raise CLIError("--format onnx needs a model (MODEL is an annotations file)")
+        if any(p.is_meta for p in model.parameters()):
+            raise CLIError("--format onnx needs weights, and this model is on the meta device: export "
+                           "the annotations as json (or dot, graphml, ...) instead")
         if inputs is None:
             raise CLIError("--format onnx needs example inputs: pass --input-shape (and --input-dtype)")
         model.eval()  # export the inference graph (no dropout); the annotations do not depend on it
@@ -226,11 +262,27 @@ def cmd_demo(argv: Sequence[str]) -> int:
 # ---------------------------------------------------------------- parser
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL",
+    p.add_argument("model", metavar="MODEL", nargs="?",
                    help="module:factory, path/to/file.py:factory, path/to/file.py (defines "
-                        "build_model or model), or an annotations .json/.onnx file")
+                        "build_model or model), or an annotations .json/.onnx file; or leave it out "
+                        "and give --config / --model-type")
+    hf_args = p.add_argument_group("a transformers model from its config, on the meta device (no weights)")
+    hf_args.add_argument("--config", metavar="PATH",
+                         help="a transformers config.json (or the folder holding it)")
+    hf_args.add_argument("--model-type", metavar="TYPE",
+                         help="a transformers model type (llama, gpt2, bert, mistral, t5, ...), with "
+                              "its default config changed by --set")
+    hf_args.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="change one config setting, e.g. --set num_hidden_layers=80 (values read "
+                              "as JSON: numbers, true/false/null, lists; else strings)")
+    hf_args.add_argument("--task", default="auto", choices=("auto", "causal-lm", "masked-lm", "seq2seq-lm",
+                                                             "image-classification", "sequence-classification",
+                                                             "base"),
+                         help="which model class: auto (default) takes the config's architectures, else the "
+                              "first of seq2seq-lm, masked-lm, causal-lm, image-classification, base that fits")
     p.add_argument("--input-shape", action="append", default=[], metavar="SHAPE",
-                   help="shape of one example input, e.g. 2,16 (repeat for several inputs)")
+                   help="shape of one example input, e.g. 2,16 (repeat for several inputs; with "
+                        "--config / --model-type the token ids' shape, default 1,16)")
     p.add_argument("--input-dtype", action="append", default=[], choices=("float", "long"),
                    help="dtype of the example inputs: once for all, or once per --input-shape "
                         "(long: token ids below the smallest nn.Embedding size)")
@@ -274,7 +326,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         rest = [a for a in argv if a != "--debug"]
         if rest and rest[0] == "demo":
             return cmd_demo(rest[1:])
-        args = make_parser().parse_args(rest)
+        parser = make_parser()
+        args = parser.parse_args(rest)
+        if args.command in ("inspect", "export"):
+            from_config = args.config is not None or args.model_type is not None
+            if not from_config and args.model is None:
+                parser.error("the following arguments are required: MODEL (or a transformers config: "
+                             "--config PATH or --model-type TYPE)")
+            if from_config and args.model is not None:
+                parser.error("give MODEL or a transformers config (--config / --model-type), not both")
         return args.func(args)
     except CLIError as e:
         if debug:

@@ -230,3 +230,49 @@ def fsdp(rank: int, world: int, port: int, kind: str, orthogonalizer: str, ns_me
     finally:
         dist.destroy_process_group()
     _exit_quietly()
+
+
+def fsdp_from_meta(rank: int, world: int, port: int, out_dir: str) -> None:
+    """docs/large_models.md's flow: analyse the model on the meta device (rank 0 saves the
+    annotations), shard it with FSDP2, allocate with to_empty, load the weights, compile from the
+    saved annotations; then train side by side with one process from the same weights."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+    from normgraph.demo.models import GPT, GPTConfig
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        reference, ids = build("gpt")  # the weights to load
+        cfg = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, d_model=32)
+        with torch.device("meta"):
+            model = GPT(cfg)
+        path = os.path.join(out_dir, "gpt.normgraph.json")
+        if rank == 0:
+            normgraph.analyze(model, example(ids)).save(path)
+        dist.barrier()
+        mesh = init_device_mesh("cpu", (world,))
+        for block in _blocks(model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        try:
+            normgraph.compile(model, annotations=path)
+            raise AssertionError("compile accepted a meta model")
+        except ValueError as e:
+            assert "meta device" in str(e)
+        model.to_empty(device="cpu")
+        weights = dict(reference.named_parameters())
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(distribute_tensor(weights[name].detach(), p.device_mesh, p.placements))
+        kw = dict(lr=0.05, compile_mode="eager")
+        opt = normgraph.compile(model, annotations=path, **kw)
+        ref = normgraph.compile(reference, example(ids), **kw)
+        assert opt.row_sharded
+        for name, atom in ref.norm_graph.atoms.items():
+            assert opt.norm_graph.atoms[name].budget == atom.budget, name
+        train_side_by_side(model, opt, reference, ref, ids, rank, world)
+        assert_matches({n: p.full_tensor().detach() for n, p in model.named_parameters()}, reference)
+    finally:
+        dist.destroy_process_group()

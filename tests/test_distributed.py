@@ -108,3 +108,8 @@ def test_the_distributed_example_runs_under_torchrun(tmp_path):
             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
         assert out.returncode == 0, out.stderr[-2000:]
         assert f"{mode}, 2 rank(s)" in out.stdout and "orthogonalization FLOPs per rank" in out.stdout
+
+
+def test_fsdp2_compiles_after_to_empty_from_annotations_saved_on_meta(tmp_path):
+    """docs/large_models.md: analyse on meta, save, fully_shard, to_empty, load, compile."""
+    spawn(distributed_worker.fsdp_from_meta, str(tmp_path))

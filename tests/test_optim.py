@@ -316,7 +316,7 @@ def test_compile_entry_point_with_annotations(tmp_path) -> None:
     model, ng = Net(), norm_graph()
     opt = normgraph.compile(model, annotations=ng, lr=0.2, compile_mode="eager")
     assert isinstance(opt, NormGraphOptimizer) and opt.norm_graph is ng
-    assert "def dualize(grads):" in opt.source and opt.param_groups[0]["lr"] == 0.2
+    assert "def dualize(grads, out=None):" in opt.source and opt.param_groups[0]["lr"] == 0.2
 
 
 def test_compile_from_a_hand_edited_annotation_file(tmp_path) -> None:

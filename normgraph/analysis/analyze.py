@@ -38,7 +38,7 @@ from .patterns import attention_reads, output_parts, rotary_joins
 from .residual import Residuals, residuals
 from .scale import MATRIX_OPS, NORMALISATIONS, SCALE_PASSTHROUGH, SUMS, Scales, atom_gain, is_integer, scaled_bond
 from .trace import Captured, capture
-from .wrappers import analysable
+from .wrappers import analysable, on_meta, to_meta
 
 SENSITIVITY_MODES = ("hybrid", "scale", "modula", "typical")
 #: The default mode (docs/concepts.md says why, with the measurements that chose it).
@@ -169,6 +169,9 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
         masses = {k.removeprefix(WRAPPER_PREFIX): v for k, v in (masses or {}).items()}
         kinds = {k.removeprefix(WRAPPER_PREFIX): v for k, v in (kinds or {}).items()}
     model, example_inputs, example_kwargs, wrapped = analysable(model, example_inputs, example_kwargs)
+    weightless = on_meta(model)
+    if weightless:  # shapes and the graph are all the analysis reads: run the inputs on meta too
+        example_inputs, example_kwargs = to_meta(example_inputs), to_meta(example_kwargs)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad and p.numel() > 0}
     if not trainable:
         raise ValueError(f"{type(model).__name__} has no trainable parameters "
@@ -178,6 +181,9 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
     diag = Diagnostics(frontend=cap.frontend, trace_errors=dict(cap.errors), notes=list(cap.notes))
     if wrapped:
         diag.notes.append(wrapped)
+    if weightless and not wrapped:
+        diag.notes.append("parameters on the meta device: analysed from their shapes and the graph "
+                          "(compile needs the weights: model.to_empty(device=...), then load them)")
     if cap.graph is None:
         atoms = _module_atoms(model, trainable, conv_mode, diag)
         graph = nx.DiGraph()
@@ -197,6 +203,11 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             scales = Scales(cap.graph, live, cap.params, biases, cap.modules, rotary_joins(cap, live),
                             p=1.0 if sensitivity == "scale" else 2.0, values=cap.values,
                             hybrid=sensitivity == "hybrid")
+        if scales is not None and scales.unknown:
+            names = [n.name for n in scales.unknown]
+            diag.notes.append(f"constant(s) with no values (meta device): {', '.join(names[:4])}"
+                              f"{' …' if len(names) > 4 else ''} count scale 1 where they multiply an "
+                              "activation (with their values, their largest entry)")
         D, assumed = downstream(cap, scales)
         diag.assumed_ops = assumed
         atoms = _graph_atoms(trainable, uses, D, kinds or {}, diag, scales)
@@ -667,11 +678,6 @@ def _refuse_unsupported(trainable: Mapping[str, torch.Tensor]) -> None:
         raise ValueError(f"complex parameters are not supported (their updates would lose the imaginary "
                          f"part): {', '.join(complex_[:5])}; store them as real pairs (torch.view_as_real) "
                          "or optimize them with another optimizer")
-    meta = [n for n, p in trainable.items() if p.is_meta]
-    if meta:
-        raise ValueError(f"parameters {', '.join(meta[:3])}{' …' if len(meta) > 3 else ''} are on the meta "
-                         "device (no data): build the optimizer after model.to_empty(device=...) and "
-                         "loading or initialising the weights")
 
 
 # ---------------------------------------------------------------------------------------

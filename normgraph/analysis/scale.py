@@ -92,9 +92,13 @@ class Scales:
         self.p = p
         self.hybrid = hybrid
         self._values = values or {}
+        #: constants whose values were needed but are on the meta device (read as 1)
+        self.unknown: list[fx.Node] = []
         self.modules = modules
         self.value: dict[fx.Node, float] = {}
-        self._roots: dict[fx.Node, frozenset[fx.Node]] = {}  # memo of `roots`
+        self._roots: dict[fx.Node, int] = {}  # memo of `_root_bits`
+        self._root_nodes: list[fx.Node] = []  # bit k of a root set ↔ _root_nodes[k]
+        self._placeholder_roots = 0  # the bits of graph inputs
         #: values computed from parameters and constants only (`1 + w`, `w.float()`)
         self.weights: set[fx.Node] = set(params)
         rotations = rotations or {}
@@ -163,6 +167,16 @@ class Scales:
         inputs: where the signal `node` carries was last transformed by a parameter. Two
         activations with the same roots are functions of one activation (GELU written as
         `x·(1 + tanh(…))`); with disjoint roots they come from different maps (a gate)."""
+        bits, found = self._root_bits(node), []
+        while bits:
+            low = bits & -bits
+            found.append(self._root_nodes[low.bit_length() - 1])
+            bits ^= low
+        return frozenset(found)
+
+    def _root_bits(self, node: fx.Node) -> int:
+        """`roots(node)` as a bitset over `_root_nodes` (a residual stream's roots grow by one
+        per block: as sets of nodes their unions were quadratic in the depth)."""
         memo = self._roots
         stack = [node]  # iterative post-order: a residual stream is a chain as deep as the model
         while stack:
@@ -172,14 +186,20 @@ class Scales:
                 continue
             inputs = [i for i in n.all_input_nodes if i in self.live]
             if n.op == "placeholder" or any(i in self.weights for i in n.all_input_nodes) or not inputs:
-                memo[stack.pop()] = frozenset([n])
+                memo[stack.pop()] = 1 << len(self._root_nodes)
+                if n.op == "placeholder":
+                    self._placeholder_roots |= memo[n]
+                self._root_nodes.append(n)
                 continue
             signal = [i for i in inputs if i not in self.weights]
             pending = [i for i in signal if i not in memo]
             if pending:
                 stack.extend(pending)
                 continue
-            memo[stack.pop()] = frozenset().union(*(memo[i] for i in signal))
+            bits = 0
+            for i in signal:
+                bits |= memo[i]
+            memo[stack.pop()] = bits
         return memo[node]
 
     def gating(self, node: fx.Node) -> bool:
@@ -188,8 +208,8 @@ class Scales:
         terms = [i for _, i in ops.tensor_inputs(node) if i in self.live and i not in self.weights]
         if len(terms) != 2 or terms[0] is terms[1]:
             return False
-        a, b = self.roots(terms[0]), self.roots(terms[1])
-        if any(r.op == "placeholder" for r in a | b):
+        a, b = self._root_bits(terms[0]), self._root_bits(terms[1])
+        if (a | b) & self._placeholder_roots:
             return False  # a graph input (a float mask, `x · f(x)` on the raw input): no gate
         return not (a & b)
 
@@ -205,7 +225,10 @@ class Scales:
                 return 0.0
             value = self._values.get(node)
             if (node not in self.live and isinstance(value, torch.Tensor) and value.numel()
-                    and value.is_floating_point() and not value.is_meta):  # meta (an FSDP2 shadow): unknown
+                    and value.is_floating_point()):
+                if value.is_meta:  # a weightless model or an FSDP2 shadow: unknown, read as 1
+                    self.unknown.append(node)
+                    return 1.0
                 return float(value.detach().abs().max())  # a stored constant: `x * sqrt(d)`
             return 1.0
         if node.op == "output":

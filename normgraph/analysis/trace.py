@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.fx.config  # noqa: F401 - `fx.config` below
 
 from .rules import module_entry
 
@@ -59,7 +60,14 @@ def _with_use_cache_off(model: torch.nn.Module, kwargs: dict[str, Any], notes: l
 
 
 def _export(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any], names: dict[int, str]) -> Captured:
-    ep = torch.export.export(model, args, kwargs, strict=False)
+    # the analysis reads no node's stack trace: not recording them takes a fifth off the capture
+    # of a deep model (a 48-layer Llama: 8.5-10.4 s against 11.8-14.1 s on a busy 2-core machine)
+    previous = fx.config.do_not_emit_stack_traces
+    fx.config.do_not_emit_stack_traces = True
+    try:
+        ep = torch.export.export(model, args, kwargs, strict=False)
+    finally:
+        fx.config.do_not_emit_stack_traces = previous
     graph = ep.graph_module.graph
     sig = ep.graph_signature
     cap = Captured(graph, "torch.export")

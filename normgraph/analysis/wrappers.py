@@ -76,6 +76,12 @@ def to_meta(inputs: Any) -> Any:
     return tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, inputs)
 
 
+def on_meta(model: torch.nn.Module) -> bool:
+    """True when some parameter of `model` is a meta tensor (a model built under
+    `torch.device("meta")`, or an FSDP2 shadow): it has shapes but no data."""
+    return any(p.is_meta for p in model.parameters())
+
+
 def analysable(model: torch.nn.Module, args: Any, kwargs: Any) -> tuple[torch.nn.Module, Any, Any, str]:
     """(module to analyse, its example args and kwargs, a note) for a possibly wrapped model."""
     inner = unwrap_data_parallel(model)

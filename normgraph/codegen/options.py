@@ -37,6 +37,10 @@ class MapOptions:
     ns_method        "auto", "direct" or "gram" (how Newton–Schulz is evaluated)
     compile_mode     torch.compile mode for the generated map, or "eager"
     backend          torch.compile backend (None: never compile)
+    max_batch_bytes  the most bytes (in the gradients' dtype) of same-shaped gradients stacked
+                     into one batched call: "auto" (1/16 of all the map's gradients, within
+                     64 MiB … 1 GiB: `codegen.emit.batch_cap`), a number of bytes, or None (one batch per
+                     shape). The map's transient memory is a few times this (docs/performance.md)
     """
 
     orthogonalizer: str = "newton-schulz"
@@ -46,6 +50,7 @@ class MapOptions:
     ns_method: str = "auto"
     compile_mode: str = "default"
     backend: str | None = "inductor"
+    max_batch_bytes: int | str | None = "auto"
 
     def __post_init__(self) -> None:
         coeffs = self.ns_coefficients
@@ -57,6 +62,10 @@ class MapOptions:
         check_ns_method(self.ns_method)
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"unknown compile_mode {self.compile_mode!r}; use one of {COMPILE_MODES}")
+        cap = self.max_batch_bytes
+        if not (cap is None or cap == "auto" or (isinstance(cap, int) and not isinstance(cap, bool) and cap > 0)):
+            raise ValueError(f"max_batch_bytes={cap!r}: expected 'auto', None (no cap) or a positive "
+                             "number of bytes")
 
     @property
     def dtype(self) -> torch.dtype | None:

@@ -313,9 +313,9 @@ def newton_schulz_batch(x: torch.Tensor, coefficients: Coefficients, safety: flo
     zero update. Then the polynomial runs directly or in Gram form (`use_gram`), re-formed
     before the steps in `gram_restarts` (`gram_restarts(dtype, steps)`).
     """
-    x = unit_max(x, dim=(-2, -1))
+    x = unit_max(x, dim=(-2, -1))  # a new tensor (or an empty one): the caller's batch is let go here
     norm = torch.linalg.matrix_norm(x, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
-    x = x / (norm * safety + eps).to(x.dtype)
+    x = x.div_((norm * safety + eps).to(x.dtype))  # in place on unit_max's result: one work tensor fewer
     if gram_form:
         return gram_newton_schulz(x, coefficients, gram_restarts)
     return direct_newton_schulz(x, coefficients, fused)

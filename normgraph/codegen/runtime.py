@@ -43,17 +43,22 @@ class DualityMap:
     def compiled(self) -> bool:
         return self._compiled is not None
 
-    def __call__(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    #: `__call__` takes `out=`: the updates are written into those tensors (`optim.functional`
+    #: passes the gradients, so that the step allocates no update tensors).
+    writes_out = True
+
+    def __call__(self, grads: list[torch.Tensor], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        args = (grads,) if out is None else (grads, out)
         if self._compiled is not None:
             try:
-                return self._compiled(grads)
+                return self._compiled(*args)
             except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
                 self.compile_error = _describe(err)
                 self._compiled = None
                 warnings.warn(f"normgraph: torch.compile of the duality map failed ({self.compile_error}); "
                               "running it eagerly instead. Pass compile_mode='eager' to skip compiling.",
                               RuntimeWarning, stacklevel=2)
-        return self.eager(grads)
+        return self.eager(*args)
 
     def __repr__(self) -> str:
         return f"DualityMap(compiled={self.compiled}, mode={self.compile_mode!r})"

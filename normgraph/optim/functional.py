@@ -6,6 +6,9 @@ functional cores are), so a distributed executor or another training loop can re
     updates = scale_rows(updates, row_confidences(grads, buffers, row_moments, momenta, steps))  # embeddings
     apply_updates(params, updates, lrs, weight_decays)
 
+(`normgraph_step` computes the row confidences right after the momentum, before the
+look-ahead, and with `reuse_grads` writes the look-ahead and the updates into the gradients.)
+
 None of these reads optimizer state or param groups; `NormGraphOptimizer.step` gathers
 those and calls them.
 """
@@ -50,18 +53,42 @@ def momentum_directions(grads: Sequence[torch.Tensor], buffers: Sequence[torch.T
     Batched with torch._foreach_* over the tensors that share (m, nesterov), so a step costs
     a handful of kernel launches, not a few per parameter.
     """
-    out: list[torch.Tensor] = list(grads)
+    update_momenta(grads, buffers, momenta)
+    return directions(grads, buffers, momenta, nesterovs)
+
+
+def _buckets(buffers: Sequence[torch.Tensor | None], momenta: Sequence[float],
+             nesterovs: Sequence[bool]) -> dict[tuple[float, bool], list[int]]:
     buckets: dict[tuple[float, bool], list[int]] = {}
     for k, (m, nesterov) in enumerate(zip(momenta, nesterovs)):
         if m:
             if buffers[k] is None:
                 raise ValueError(f"momentum {m} needs a buffer for tensor {k}")
             buckets.setdefault((float(m), bool(nesterov)), []).append(k)
-    for (m, nesterov), idx in buckets.items():
+    return buckets
+
+
+def update_momenta(grads: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor | None],
+                   momenta: Sequence[float]) -> None:
+    """buf ← m·buf + (1−m)·g, in place, for every tensor with momentum m > 0."""
+    for (m, _), idx in _buckets(buffers, momenta, [False] * len(momenta)).items():
+        torch._foreach_lerp_([buffers[k] for k in idx], [grads[k] for k in idx], 1 - m)
+
+
+def directions(grads: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor | None],
+               momenta: Sequence[float], nesterovs: Sequence[bool], in_place: bool = False) -> list[torch.Tensor]:
+    """After `update_momenta`: the direction to dualise, buf, or with Nesterov the look-ahead
+    (1−m)·g + m·buf (g itself without momentum). `in_place` writes the look-ahead into g
+    instead of new tensors."""
+    out: list[torch.Tensor] = list(grads)
+    for (m, nesterov), idx in _buckets(buffers, momenta, nesterovs).items():
         bufs = [buffers[k] for k in idx]
         gs = [grads[k] for k in idx]
-        torch._foreach_lerp_(bufs, gs, 1 - m)
-        looked = torch._foreach_lerp(gs, bufs, m) if nesterov else bufs
+        if nesterov and in_place:
+            torch._foreach_lerp_(gs, bufs, m)
+            looked = gs
+        else:
+            looked = torch._foreach_lerp(gs, bufs, m) if nesterov else bufs
         for k, d in zip(idx, looked):
             out[k] = d
     return out
@@ -107,8 +134,8 @@ def row_confidences(grads: Sequence[torch.Tensor], buffers: Sequence[torch.Tenso
     ratios = []
     for k in idx:
         m, rows, moment = float(momenta[k]), grads[k].shape[0], row_moments[k]
-        moment.lerp_(grads[k].reshape(rows, -1).to(moment.dtype).square().mean(1), 1 - m)
-        signal = buffers[k].reshape(rows, -1).to(moment.dtype).square().mean(1)
+        moment.lerp_(_row_mean_squares(grads[k], moment.dtype), 1 - m)
+        signal = _row_mean_squares(buffers[k], moment.dtype)
         # buffer and moment both sum weights 1 − m^t: ρ² = (buf/(1−m^t))² / (v/(1−m^t))
         ratio = (signal / (moment * (1 - m ** steps[k]))).sqrt().nan_to_num(0.0).clamp_(max=1.0)
         ratios.append(ratio)
@@ -120,24 +147,56 @@ def row_confidences(grads: Sequence[torch.Tensor], buffers: Sequence[torch.Tenso
     return out
 
 
-def scale_rows(updates: Sequence[torch.Tensor], factors: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-    """Each update with a factor has its rows multiplied by it (the others pass through)."""
-    return [u if f is None else u * f.to(u.dtype).reshape(-1, *([1] * (u.ndim - 1)))
-            for u, f in zip(updates, factors)]
+#: `row_confidences` squares a table in blocks of at most this many entries, so its transient
+#: stays small next to a large embedding (the result is the same: each row is its own mean).
+ROW_BLOCK_ENTRIES = 2**22
+
+
+def _row_mean_squares(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Mean of the squares of each row of `t`, in `dtype`, computed a block of rows at a time."""
+    rows = t.shape[0]
+    flat = t.reshape(rows, -1)
+    block = max(1, ROW_BLOCK_ENTRIES // max(1, flat.shape[1]))
+    if block >= rows:
+        return flat.to(dtype).square().mean(1)
+    return torch.cat([flat[r:r + block].to(dtype).square().mean(1) for r in range(0, rows, block)])
+
+
+def scale_rows(updates: Sequence[torch.Tensor], factors: Sequence[torch.Tensor | None],
+               in_place: bool = False) -> list[torch.Tensor]:
+    """Each update with a factor has its rows multiplied by it (the others pass through);
+    `in_place` multiplies the updates themselves."""
+    def scaled(u: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        f = f.to(u.dtype).reshape(-1, *([1] * (u.ndim - 1)))
+        return u.mul_(f) if in_place else u * f
+    return [u if f is None else scaled(u, f) for u, f in zip(updates, factors)]
 
 
 def normgraph_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                    buffers: Sequence[torch.Tensor | None], dualize: DualityMapFn, *, lrs: Sequence[float],
                    momenta: Sequence[float], nesterovs: Sequence[bool], weight_decays: Sequence[float],
                    row_moments: Sequence[torch.Tensor | None] | None = None, row_steps: Sequence[int] | None = None,
-                   global_max: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                   global_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   reuse_grads: bool = False) -> None:
     """One step: momentum → duality map → (rows by confidence) → decayed update, over aligned
     lists. `row_moments`/`row_steps` (see `row_confidences`) are optional: without them the
-    step is the plain map."""
-    directions = momentum_directions(grads, buffers, momenta, nesterovs)
-    updates = dualize(directions)
-    if row_moments is not None:
-        if row_steps is None:
-            raise ValueError("row_moments needs row_steps (this step's count per tensor)")
-        updates = scale_rows(updates, row_confidences(grads, buffers, row_moments, momenta, row_steps, global_max))
+    step is the plain map.
+
+    `reuse_grads`: the step's memory is the momentum buffers alone. The Nesterov look-ahead is
+    written into `grads`, and so are the updates (by a map that takes `out=`, as
+    `codegen.DualityMap` does; another map's updates are new tensors, scaled in place), so
+    afterwards `grads` hold the updates that were applied. Without it `grads` are left as they
+    are, at the cost of a copy of every direction and every update during the step."""
+    if row_moments is not None and row_steps is None:
+        raise ValueError("row_moments needs row_steps (this step's count per tensor)")
+    update_momenta(grads, buffers, momenta)
+    factors = (row_confidences(grads, buffers, row_moments, momenta, row_steps, global_max)  # type: ignore[arg-type]
+               if row_moments is not None else None)  # before the look-ahead: they read the raw gradient
+    found = directions(grads, buffers, momenta, nesterovs, in_place=reuse_grads)
+    if reuse_grads and getattr(dualize, "writes_out", False):
+        updates = dualize(found, out=list(grads))  # type: ignore[call-arg]
+    else:
+        updates = dualize(found)
+    if factors is not None:
+        updates = scale_rows(updates, factors, in_place=reuse_grads)
     apply_updates(params, updates, lrs, weight_decays)

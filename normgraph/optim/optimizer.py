@@ -38,7 +38,15 @@ class NormGraphOptimizer(torch.optim.Optimizer):
     `map_options` (the `MapOptions` it was generated with; kept in every param group as a
     dict, so it is in `state_dict`), `shard_map` (whether the orthogonalizations are split
     over the ranks of `process_group`, see `optim.sharded`), `last_step_skipped` (True when the last step saw a
-    non-finite gradient and changed nothing), `skipped_steps` (how many such steps so far).
+    non-finite gradient and changed nothing), `skipped_steps` (how many such steps so far),
+    `reuse_grads` (see below).
+
+    `reuse_grads=True` (default): a step needs no memory beyond the momentum buffers (and the
+    map's batches, capped by `max_batch_bytes`): the Nesterov look-ahead and the update are
+    written into each parameter's `.grad`, so after `step()` a `.grad` holds the update that
+    was applied, not the gradient. Read or clip gradients before `step()` (as usual);
+    `reuse_grads=False` leaves them as backward left them and allocates a copy of every
+    direction and every update during the step.
 
     `row_confidence` (a bool param-group key, True only on the row-normalised atoms the
     choice takes): the rows of a row-normalised atom (an embedding table) are scaled by
@@ -61,7 +69,7 @@ class NormGraphOptimizer(torch.optim.Optimizer):
                  lr: float = 0.25, momentum: float = 0.9, nesterov: bool = True,
                  weight_decay: float | str = "auto", row_confidence: bool | str = "auto",
                  map_options: MapOptions | None = None, shard_map: bool = False,
-                 process_group: Any = None, **options: Any) -> None:
+                 process_group: Any = None, reuse_grads: bool = True, **options: Any) -> None:
         auto = isinstance(weight_decay, str)
         if auto and weight_decay != "auto":
             raise ValueError(f"weight_decay={weight_decay!r}: expected 'auto' (each atom's own `decay`, "
@@ -78,6 +86,7 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         if isinstance(params, torch.nn.Module):
             params = unwrap_data_parallel(params)  # names as the analysis sees them (no "module.")
         named = dict(params.named_parameters() if isinstance(params, torch.nn.Module) else params)
+        refuse_meta(named)
         self.norm_graph = norm_graph
         groups = [{"params": [p], "name": name, "row_confidence": _rows_scaled(name, norm_graph, row_confidence)}
                   for name, p in _trainable(named, norm_graph)]
@@ -89,6 +98,7 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self.last_step_skipped = False
         self.skipped_steps = 0
+        self.reuse_grads = bool(reuse_grads)
         self.shard_map = bool(shard_map)
         self.process_group = process_group
         tensors = [g["params"][0] for g in self.param_groups]
@@ -251,7 +261,8 @@ class NormGraphOptimizer(torch.optim.Optimizer):
                          nesterovs=[bool(g["nesterov"]) for g in groups],
                          weight_decays=[g["weight_decay"] for g in groups],
                          row_moments=moments, row_steps=steps,
-                         global_max=self._global_max if self.row_sharded else None)
+                         global_max=self._global_max if self.row_sharded else None,
+                         reuse_grads=self.reuse_grads)
         return loss
 
     def _row_moments(self, live: list[int], groups: list[dict[str, Any]],
@@ -317,6 +328,17 @@ class NormGraphOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("last_step_skipped", False)
         self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("reuse_grads", True)
+
+
+def refuse_meta(named: dict[str, torch.Tensor]) -> None:
+    """Meta tensors have shapes but no data: analysis works on them, a step cannot."""
+    meta = [n for n, p in named.items() if p.requires_grad and p.is_meta]
+    if meta:
+        raise ValueError(f"parameters {', '.join(meta[:3])}{' …' if len(meta) > 3 else ''} are on the meta "
+                         "device (no data): build the optimizer after model.to_empty(device=...) and "
+                         "loading or initialising the weights (normgraph.analyze works on the meta model: "
+                         "save its annotations and pass them as compile(..., annotations=...))")
 
 
 def _any_dtensor(tensors: list[torch.Tensor]) -> bool:
