@@ -15,7 +15,7 @@ import warnings
 import torch
 
 import normgraph
-from normgraph.analysis.analyze import POSITION_TABLE_MASS
+from normgraph.analysis.options import POSITION_TABLE_MASS
 from normgraph.demo.models import GPT, GPTConfig
 
 MODES = ("modula", "scale", "typical", "hybrid")

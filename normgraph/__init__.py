@@ -11,7 +11,7 @@ The package reads as the pipeline, one subpackage per pass over the data in `cor
 models from a config) and `demo` sit on top.
 """
 from .analysis import analyze, register_atom_rule, register_bond_rule, register_module_rule, register_op
-from .analysis import register_scale_rule
+from .analysis import AnalysisOptions, register_scale_rule
 from .api import compile, export_onnx, load
 from .codegen import MapOptions, register_orthogonalizer
 from .core import Atom, Diagnostics, NormGraph, register_kind
@@ -21,7 +21,7 @@ from . import hf  # transformers models from a config, without weights (imports 
 
 __all__ = [
     "analyze", "compile", "load", "export_onnx", "read_onnx_annotations",
-    "Atom", "Diagnostics", "NormGraph", "NormGraphOptimizer", "MapOptions",
+    "AnalysisOptions", "Atom", "Diagnostics", "NormGraph", "NormGraphOptimizer", "MapOptions",
     "register_atom_rule", "register_bond_rule", "register_kind", "register_module_rule",
     "register_scale_rule", "register_op", "register_orthogonalizer",
 ]

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import normgraph
-from normgraph.analysis.analyze import BODY_DECAY, BODY_MASS, BODY_REFERENCE_ATOMS
+from normgraph.analysis.options import (BODY_DECAY, BODY_MASS, BODY_REFERENCE_ATOMS, STREAM_READER_DECAY,
+                                        WEIGHTED_BRANCH_DECAY)
+
+DECAY = 0.05  # a body decay set by hand (the default, BODY_DECAY, is 0: docs/concepts.md §5, rule 6)
 from normgraph.io.annotations import dumps, loads
 
 from test_analyze import ResidualMLP
@@ -51,9 +54,11 @@ def test_body_reference_is_a_choice_and_is_validated():
 
 
 def test_matrices_inside_residual_branches_are_marked_for_decay_and_nothing_else():
-    ng = normgraph.analyze(PreNorm(3), IDS)
+    assert BODY_DECAY == 0.0  # by default plain branches do not decay
+    assert {a.decay for a in normgraph.analyze(PreNorm(3), IDS).atoms.values()} == {0.0}
+    ng = normgraph.analyze(PreNorm(3), IDS, body_decay=DECAY)
     for name, a in ng.atoms.items():
-        want = BODY_DECAY if name.startswith(("w1.", "w2.")) else 0.0  # not the gains, the table, the head
+        want = DECAY if name.startswith(("w1.", "w2.")) else 0.0  # not the gains, the table, the head
         assert a.decay == want, name
     assert "decay" in ng.table().splitlines()[0]
     # modula's convex residuals: designed masses (no body, no quadrature), but the matrices
@@ -61,7 +66,7 @@ def test_matrices_inside_residual_branches_are_marked_for_decay_and_nothing_else
     convex = normgraph.analyze(ResidualMLP(3), (torch.randn(4, 8),))
     assert {a.budget_scale for a in convex.atoms.values()} == {1.0}
     for name, a in convex.atoms.items():
-        assert a.decay == (BODY_DECAY if name.startswith(("f1.", "f2.")) else 0.0), name
+        assert a.decay == (WEIGHTED_BRANCH_DECAY if name.startswith(("f1.", "f2.")) else 0.0), name
     # the modula mode keeps modula exactly: nothing decays
     modula = normgraph.analyze(PreNorm(3), IDS, sensitivity="modula")
     assert {a.decay for a in modula.atoms.values()} == {0.0}
@@ -70,7 +75,8 @@ def test_matrices_inside_residual_branches_are_marked_for_decay_and_nothing_else
 
 
 def _step(model: torch.nn.Module, weight_decay, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    opt = normgraph.compile(model, IDS, lr=0.5, momentum=0.0, weight_decay=weight_decay, compile_mode="eager")
+    opt = normgraph.compile(model, IDS, lr=0.5, momentum=0.0, weight_decay=weight_decay, compile_mode="eager",
+                            body_decay=DECAY)
     for n, p in model.named_parameters():
         p.grad = grads[n].clone()
     opt.step()
@@ -91,7 +97,7 @@ def test_auto_weight_decay_decays_each_parameter_by_its_atoms_decay():
     none, _ = runs[0.0]
     every, every_opt = runs[0.01]
     for n in start:
-        decay = BODY_DECAY if n.startswith(("w1.", "w2.")) else 0.0
+        decay = DECAY if n.startswith(("w1.", "w2.")) else 0.0
         assert opt.group(n)["weight_decay"] == decay
         assert every_opt.group(n)["weight_decay"] == 0.01
         # W ← W·(1 − lr·wd) − lr·update: the runs differ by exactly lr·wd·W
@@ -100,7 +106,7 @@ def test_auto_weight_decay_decays_each_parameter_by_its_atoms_decay():
     # the groups' decays live in the state dict
     fresh = normgraph.compile(PreNorm(2), IDS, weight_decay=0.0, compile_mode="eager")
     fresh.load_state_dict(opt.state_dict())
-    assert fresh.group("w1.0.weight")["weight_decay"] == BODY_DECAY
+    assert fresh.group("w1.0.weight")["weight_decay"] == DECAY
     with pytest.raises(ValueError, match="weight_decay"):
         normgraph.compile(PreNorm(1), IDS, weight_decay="lots")
     with pytest.raises(ValueError, match="weight_decay"):
@@ -108,7 +114,7 @@ def test_auto_weight_decay_decays_each_parameter_by_its_atoms_decay():
 
 
 def test_annotations_keep_scale_and_decay_and_older_files_load_without_them():
-    ng = normgraph.analyze(PreNorm(3), IDS)
+    ng = normgraph.analyze(PreNorm(3), IDS, body_decay=DECAY)
     back = loads(dumps(ng))
     for n, a in ng.atoms.items():
         assert (back.atoms[n].budget_scale, back.atoms[n].decay, back.atoms[n].budget) == (
@@ -142,10 +148,10 @@ class NoFinalNorm(PreNorm):
 
 def test_a_head_that_reads_the_unnormalised_stream_decays_one_after_a_norm_does_not():
     """Stream after L plain joins: scale √(L+1) > STREAM_INPUT_SCALE; after ln_f: 1."""
-    from normgraph.analysis.analyze import STREAM_INPUT_SCALE
+    from normgraph.analysis.default import STREAM_INPUT_SCALE
     assert 1.0 < STREAM_INPUT_SCALE < math.sqrt(2)
     bare = normgraph.analyze(NoFinalNorm(2), IDS)
-    assert bare.atoms["head.weight"].decay == BODY_DECAY
+    assert bare.atoms["head.weight"].decay == STREAM_READER_DECAY
     assert bare.atoms["head.weight"].downstream == pytest.approx(math.sqrt(3))  # = its input's scale
     assert bare.atoms["emb.weight"].decay == 0.0
     assert any("unnormalised stream" in n for n in bare.diagnostics.notes)

@@ -67,7 +67,9 @@ def test_convs_read_only_by_a_batch_norm_are_found_from_the_graph():
 def test_budget_is_the_convs_over_its_kernel_positions_and_decay_is_dropped():
     torch.manual_seed(0)
     model, x = Net(), inputs()
-    on, off = normgraph.analyze(model, x), normgraph.analyze(model, x, channel_convs=False)
+    # with a body decay set by hand (the default has none): a channel conv still does not decay
+    on = normgraph.analyze(model, x, body_decay=0.05)
+    off = normgraph.analyze(model, x, channel_convs=False, body_decay=0.05)
     for name in CHANNEL:
         assert off.atoms[name].kind == "conv" and off.atoms[name].decay == pytest.approx(0.05)
         # same mass and downstream; the 3×3 kernel's 9 positions share the budget

@@ -14,7 +14,8 @@ from torch import nn
 import normgraph
 from normgraph import cli, hf
 from normgraph.analysis import residual
-from normgraph.analysis.analyze import _live, _plain_join
+from normgraph.analysis.analyze import _live
+from normgraph.analysis.default import _plain_join
 from normgraph.analysis.scale import Scales, is_integer
 from normgraph.analysis.trace import capture
 

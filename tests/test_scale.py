@@ -432,7 +432,7 @@ def test_residual_body_shares_a_fixed_mass_so_outer_budgets_do_not_shrink_with_d
     """Every atom inside `x + f(x)` branches (w1, w2, the pre-norm gains) shares BODY_MASS;
     the embedding, the final norm and the head keep their kinds' masses, so their budgets
     are the same at every depth: head budget = 1 / (BODY_MASS + 1 + 1 + 0.1) / D(head) = 1."""
-    from normgraph.analysis.analyze import BODY_MASS
+    from normgraph.analysis.options import BODY_MASS
     ng = normgraph.analyze(PreNorm(L), IDS)
     body = [a for n, a in ng.atoms.items() if n.startswith(("ln.", "w1.", "w2."))]
     assert len(body) == 3 * L

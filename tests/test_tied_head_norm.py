@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import normgraph
-from normgraph.analysis.analyze import TIED_HEAD_NORM_MASS
+from normgraph.analysis.options import TIED_HEAD_NORM_MASS
 
 IDS = (torch.randint(0, 16, (2, 5)),)
 

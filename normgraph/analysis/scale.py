@@ -87,10 +87,12 @@ class Scales:
     def __init__(self, graph: fx.Graph, live: set[fx.Node], params: Mapping[fx.Node, str],
                  biases: set[str], modules: Mapping[str, Any],
                  rotations: Mapping[fx.Node, fx.Node] | None = None, p: float = 1.0,
-                 values: Mapping[fx.Node, Any] | None = None, hybrid: bool = False) -> None:
+                 values: Mapping[fx.Node, Any] | None = None, hybrid: bool = False,
+                 table_multipliers: bool = True) -> None:
         self.live = live
         self.p = p
         self.hybrid = hybrid
+        self.table_multipliers = hybrid and table_multipliers  # `_table_rows`
         self._values = values or {}
         #: constants whose values were needed but are on the meta device (read as 1)
         self.unknown: list[fx.Node] = []
@@ -128,7 +130,7 @@ class Scales:
         if ops.op_name(node, self.modules) not in ("mul", "div"):
             return False
         data = [v for v in node.args if isinstance(v, fx.Node) and v in self.live]
-        if self.hybrid and len(data) == 1 and _table_rows(data[0], self):
+        if self.table_multipliers and len(data) == 1 and _table_rows(data[0], self):
             return False  # `table[ids] · √d`: the table's own multiplier (`_table_rows`), not a mixing weight
         for v in node.args:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(float(v)) != 1.0:
@@ -376,7 +378,7 @@ def _sum_of_inputs(node: fx.Node, args: dict, S: Scales) -> float:
 
 def _product(node: fx.Node, args: dict, S: Scales) -> float:
     rows = [v for v in args.values() if isinstance(v, fx.Node) and v in S.live]
-    if S.hybrid and len(rows) == 1 and _table_rows(rows[0], S):
+    if S.table_multipliers and len(rows) == 1 and _table_rows(rows[0], S):
         return S(rows[0])  # `table[ids] · c`: the table's rows are sized with their multiplier
     out = 1.0
     for v in args.values():
