@@ -43,9 +43,10 @@ def rotate(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, layout: str, written: bool = False, rotary: str = "none") -> None:
+    def __init__(self, layout: str, written: bool | str = False, rotary: str = "none",
+                 temperature: float | None = None) -> None:
         super().__init__()
-        self.layout, self.written, self.rotary = layout, written, rotary
+        self.layout, self.written, self.rotary, self.temperature = layout, written, rotary, temperature
         if layout == "separate":
             self.q, self.k, self.v = (nn.Linear(D, D, bias=False) for _ in range(3))
         else:
@@ -69,21 +70,25 @@ class Attention(nn.Module):
             r = HD // 2
             q = torch.cat([rotate(q[..., :r]), q[..., r:]], -1)
             k = torch.cat([rotate(k[..., :r]), k[..., r:]], -1)
-        if self.written:
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(HD)
+        scale = None if self.temperature is None else self.temperature / math.sqrt(HD)
+        if self.written == "key":  # the scale folded into k before the product (DeBERTa)
+            scores = q @ (k * (scale or 1 / math.sqrt(HD))).transpose(-1, -2)
+            y = torch.softmax(scores, dim=-1) @ v
+        elif self.written:
+            scores = (q @ k.transpose(-1, -2)) * (scale or 1 / math.sqrt(HD))
             y = torch.softmax(scores, dim=-1) @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, scale=scale)
         return self.o(merge(y))
 
 
 class Net(nn.Module):
-    def __init__(self, layout: str = "separate", written: bool = False, rotary: str = "none",
-                 multiplier: float | None = None) -> None:
+    def __init__(self, layout: str = "separate", written: bool | str = False, rotary: str = "none",
+                 multiplier: float | None = None, temperature: float | None = None) -> None:
         super().__init__()
         self.multiplier = multiplier
         self.emb = nn.Embedding(V, D)
-        self.blocks = nn.ModuleList(Attention(layout, written, rotary) for _ in range(L))
+        self.blocks = nn.ModuleList(Attention(layout, written, rotary, temperature) for _ in range(L))
         self.norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(L))
         self.fc = nn.ModuleList(nn.Linear(D, 4 * D, bias=False) for _ in range(L))
         self.proj = nn.ModuleList(nn.Linear(4 * D, D, bias=False) for _ in range(L))
@@ -146,6 +151,23 @@ def test_written_out_attention_reads_as_sdpa():
         assert written[n] == pytest.approx(sdpa[n], rel=1e-9), n
 
 
+def test_logit_temperature_is_read_in_every_spelling():
+    """Logits `c·q·kᵀ/√d` move c times as far under a relative change of q or k as the usual
+    ones (T5 passes SDPA scale=1, DeBERTa divides k by √(3d)): the same budgets whether c is
+    SDPA's `scale`, a factor on the scores or a factor on k, the usual budgets at c = 1, and
+    smaller q and k budgets at c > 1."""
+    usual = budgets()
+    assert budgets(temperature=1.0) == pytest.approx(usual, rel=1e-9)
+    hot = budgets(temperature=4.0)
+    for written in (True, "key"):
+        other = budgets(temperature=4.0, written=written)
+        for n in hot:
+            assert other[n] == pytest.approx(hot[n], rel=1e-9), (written, n)
+    assert budgets(temperature=1.0, written="key") == pytest.approx(usual, rel=1e-9)
+    for part in ("q", "k"):
+        assert hot[f"blocks.0.{part}.weight"] < usual[f"blocks.0.{part}.weight"]
+
+
 def test_partial_rotary_reads_as_a_rotation():
     """Rotating half of q and k and concatenating the pass-through half back is a rotation:
     the same budgets as full rotary and as no rotary (SDPA reads q and k relative)."""
@@ -174,3 +196,47 @@ def test_partial_rotary_of_a_separate_q_is_not_a_fused_projection():
     ng = normgraph.analyze(Net(rotary="partial"), (IDS,))
     assert "parts" not in ng.atoms["blocks.0.q.weight"].note
     assert ng.atoms["blocks.0.q.weight"].mass == ng.atoms["blocks.0.o.weight"].mass
+
+
+class RelativeAttention(nn.Module):
+    """DeBERTa's shape: logits q·kᵀ + q·posᵀ, pos a shared table normalised and projected in
+    each layer (no input flows through pos)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o, self.pos_k = (nn.Linear(D, D, bias=False) for _ in range(5))
+
+    def forward(self, x, rel):
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        pos = self.pos_k(rel).view(T, H, HD).transpose(0, 1)
+        logits = (q @ k.transpose(-1, -2) + q @ pos.transpose(-1, -2)) / math.sqrt(HD)
+        return self.o(merge(torch.softmax(logits, -1) @ v))
+
+
+class RelativeNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.rel = nn.Parameter(torch.randn(T, D))
+        self.rel_norm = nn.LayerNorm(D)
+        self.blocks = nn.ModuleList(RelativeAttention() for _ in range(L))
+        self.norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(L))
+        self.final = nn.LayerNorm(D)
+        self.head = nn.Linear(D, V, bias=False)
+
+    def forward(self, ids):
+        x, rel = self.emb(ids), self.rel_norm(self.rel)
+        for attn, n in zip(self.blocks, self.norms):
+            x = x + attn(n(x), rel)
+        return self.head(self.final(x))
+
+
+def test_position_projections_that_feed_only_the_body_are_body_matrices():
+    """A projection of a parameter-only table whose every use is inside the residual blocks
+    is part of the branch it feeds: it weighs as the block's other matrices do, rather than
+    taking a full matrix's mass of its own beside the body's."""
+    torch.manual_seed(0)
+    atoms = normgraph.analyze(RelativeNet(), (IDS,)).atoms
+    for i in range(L):
+        assert atoms[f"blocks.{i}.pos_k.weight"].mass == pytest.approx(atoms[f"blocks.{i}.q.weight"].mass, rel=1e-9)
+    assert atoms["blocks.0.pos_k.weight"].mass < atoms["head.weight"].mass

@@ -212,9 +212,9 @@ def downstream(cap: Captured, scales: Scales | None = None,
             read, share = attention[node], d / 3.0
             sv = scales(read.value)
             D[read.value] += share ** p_of(read.value)
-            for a, b in read.products:
+            for (a, b), t in zip(read.products, read.temperatures):
                 for x in (a, b):
-                    D[x] += (share * sv / (scales(x) or 1.0)) ** p_of(x)
+                    D[x] += (share * sv * t / (scales(x) or 1.0)) ** p_of(x)
             for t in read.terms:
                 D[t] += (share * sv) ** p_of(t)
             continue

@@ -14,6 +14,7 @@ exactly, where summing over the group's paths would count one change several tim
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -120,11 +121,14 @@ def _rotated_source(term: fx.Node, live: set[fx.Node], cap: Captured) -> set[fx.
 @dataclass(frozen=True)
 class AttentionRead:
     """`softmax(logits) @ value`, the logits a sum of products of two activations (q·kᵀ and,
-    in disentangled attention, q·posᵀ) and of other live terms (a learned position bias)."""
+    in disentangled attention, q·posᵀ) and of other live terms (a learned position bias).
+    `temperatures[i]` is product i's logit temperature: the constant factors on its way to
+    the softmax times √(contracted dim), 1 for the usual `q·kᵀ/√d`."""
 
     value: fx.Node
     products: tuple[tuple[fx.Node, fx.Node], ...]
     terms: tuple[fx.Node, ...]
+    temperatures: tuple[float, ...] = ()
 
 
 #: Ops that move or cast a tensor without changing what it means.
@@ -162,6 +166,31 @@ def attention_reads(cap: Captured, live: set[fx.Node], weights: set[fx.Node]) ->
     return out
 
 
+def temperature(factor: float | None, operand: fx.Node) -> float:
+    """`factor` · √d for a product that contracts the last dim d of `operand` (q): how far the
+    logits move under a relative change of q or k, against the usual `q·kᵀ/√d` (1). A factor
+    whose value is not known (a constant computed in the graph, a buffer on meta) reads as the
+    usual scaling: 1."""
+    shape = ops.shape_of(operand)
+    return factor * math.sqrt(shape[-1]) if shape and factor is not None else 1.0
+
+
+def _constant(x: object, cap: Captured) -> float | None:
+    """The magnitude of a constant factor: a number's, or a stored scalar tensor's; None if unknown."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return abs(float(x))
+    value = cap.values.get(x) if isinstance(x, fx.Node) else None
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta:
+        return abs(float(value))
+    return None
+
+
+def _times(factor: float | None, c: float | None, divide: bool = False) -> float | None:
+    if factor is None or c is None or c == 0:
+        return None
+    return factor / c if divide else factor * c
+
+
 def _through(node: fx.Node, way: set[str], cap: Captured) -> fx.Node:
     """Walk up single-input ops in `way` to the op that made the tensor."""
     while ops.op_name(node, cap.modules) in way and node.args and isinstance(node.args[0], fx.Node):
@@ -170,13 +199,15 @@ def _through(node: fx.Node, way: set[str], cap: Captured) -> fx.Node:
 
 
 def _logit_terms(logits: fx.Node, live: set[fx.Node], weights: set[fx.Node], cap: Captured):
-    """(products, terms) that add up to `logits`, or None when they are not attention logits
-    (a product with a weight, an elementwise product of two activations)."""
+    """(products, terms, temperatures) that add up to `logits`, or None when they are not
+    attention logits (a product with a weight, an elementwise product of two activations)."""
     products: list[tuple[fx.Node, fx.Node]] = []
     terms: list[fx.Node] = []
-    stack, seen = [logits], set()
+    temps: list[float] = []
+    stack: list[tuple[fx.Node, float | None]] = [(logits, 1.0)]
+    seen: set[fx.Node] = set()
     while stack:
-        n = stack.pop()
+        n, factor = stack.pop()
         if n in seen or n not in live:
             continue
         seen.add(n)
@@ -185,15 +216,16 @@ def _logit_terms(logits: fx.Node, live: set[fx.Node], weights: set[fx.Node], cap
         if op in _LOGIT_WAY:
             data = n.args[0] if n.args and isinstance(n.args[0], fx.Node) and n.args[0] in live else None
             if op == "where":  # where(mask, x, y): the live branches are logits
-                stack.extend(i for i in n.args[1:3] if isinstance(i, fx.Node) and i in live)
+                stack.extend((i, factor) for i in n.args[1:3] if isinstance(i, fx.Node) and i in live)
             elif data is not None:
-                stack.append(data)
+                stack.append((data, factor))
         elif op in ("mul", "div"):
             if len(inputs) != 1:
                 return None  # a product of two activations is not a scaling of the logits
-            stack.append(inputs[0])
+            other = [a for a in n.args[:2] if a is not inputs[0]]
+            stack.append((inputs[0], _times(factor, _constant(other[0], cap) if other else 1.0, op == "div")))
         elif op in ("add", "sub"):
-            stack.extend(inputs)
+            stack.extend((i, factor) for i in inputs)
         elif op in _PRODUCTS:
             if op == "einsum":
                 tensors = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:]
@@ -201,13 +233,37 @@ def _logit_terms(logits: fx.Node, live: set[fx.Node], weights: set[fx.Node], cap
             else:
                 pair = [a for a in (n.args[1:3] if op == "baddbmm" else n.args[:2]) if isinstance(a, fx.Node)]
             if op == "baddbmm" and isinstance(n.args[0], fx.Node) and n.args[0] in live:
-                stack.append(n.args[0])  # baddbmm(bias, q, k): the bias is a term
+                stack.append((n.args[0], factor))  # baddbmm(bias, q, k): the bias is a term
             if len(pair) != 2 or not all(a in live for a in pair) or all(a in weights for a in pair):
                 return None  # q·kᵀ, or q·posᵀ with pos made from parameters only (DeBERTa's c2p)
+            if op == "baddbmm":
+                factor = _times(factor, _constant(n.kwargs.get("alpha", n.args[4] if len(n.args) > 4 else 1.0), cap))
+            for x in pair:
+                factor = _times(factor, _operand_factor(x, live, cap))
             products.append((pair[0], pair[1]))
+            temps.append(temperature(factor, pair[0]))
         else:
             terms.append(n)
-    return (tuple(products), tuple(terms)) if products else None
+    return (tuple(products), tuple(terms), tuple(temps)) if products else None
+
+
+def _operand_factor(x: fx.Node, live: set[fx.Node], cap: Captured) -> float | None:
+    """Constant factors applied to q or k between their projection and the product
+    (DeBERTa divides k by √(3d) there)."""
+    factor: float | None = 1.0
+    while True:
+        op = ops.op_name(x, cap.modules)
+        inputs = [i for i in x.all_input_nodes if i in live]
+        if op in ("mul", "div") and len(inputs) == 1:
+            other = [a for a in x.args[:2] if a is not inputs[0]]
+            factor = _times(factor, _constant(other[0], cap) if other else 1.0, op == "div")
+            if factor is None:
+                return None
+            x = inputs[0]
+        elif op in _REARRANGE and len(inputs) == 1 and x.op != "placeholder":
+            x = inputs[0]
+        else:
+            return factor
 
 
 #: Ops after which a projection's output still holds every row of its weight, in some layout.

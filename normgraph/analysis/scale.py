@@ -548,9 +548,20 @@ def _attention_bond(b: BondInput, S: Scales) -> float:
         return 1.0 / 3.0
     if b.key in ("query", "key", 0, 1):
         s = S(b.input)
-        return S(ops.arg(b.args, "value", 2)) / (3.0 * s) if s > 0 else 1.0 / 3.0
+        return S(ops.arg(b.args, "value", 2)) * _temperature(b) / (3.0 * s) if s > 0 else 1.0 / 3.0
     # an additive float mask (T5's learned position bias) enters the logits unscaled
     return S(ops.arg(b.args, "value", 2)) / 3.0
+
+
+def _temperature(b: BondInput) -> float:
+    """SDPA's `scale` · √d (1 without `scale`: the default 1/√d): how far its logits move under
+    a relative change of q or k. T5 passes scale=1, so its logits move √d times as far."""
+    scale = b.args.get("scale")
+    query = ops.arg(b.args, "query", 0)
+    shape = ops.shape_of(query)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not shape:
+        return 1.0
+    return abs(float(scale)) * math.sqrt(shape[-1])
 
 
 def _summed_bond(b: BondInput, S: Scales) -> float:
