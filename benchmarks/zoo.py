@@ -327,11 +327,14 @@ def _extensions(results: dict, fam: Family, kind: str, seeds) -> list[float]:
     return sorted(set(add))
 
 
-def schedule(families: list[Family], proto: Protocol, kinds: tuple[str, ...], sweep: bool):
+def schedule(families: list[Family], proto: Protocol, kinds: tuple[str, ...], sweep: bool | tuple[float, ...]):
+    """Every run to do: normgraph at the multiples `sweep` of its default lr (True: all of
+    `NORMGRAPH_SWEEP`, False: the default only), each baseline at its starting lrs."""
+    multiples = NORMGRAPH_SWEEP if sweep is True else (1.0,) if sweep is False else tuple(sweep)
     for fam in families:
         for seed in proto.seeds(fam):
             if "normgraph" in kinds:
-                for mult in (NORMGRAPH_SWEEP if sweep else (1.0,)):
+                for mult in multiples:
                     yield (fam.name, "normgraph", mult, seed)
             for kind in ("adamw", "muon"):
                 if kind in kinds:
@@ -339,7 +342,7 @@ def schedule(families: list[Family], proto: Protocol, kinds: tuple[str, ...], sw
                         yield (fam.name, kind, lr, seed)
 
 
-def run_all(families: list[Family], proto: Protocol, kinds: tuple[str, ...], sweep: bool, jobs: int,
+def run_all(families: list[Family], proto: Protocol, kinds: tuple[str, ...], sweep: bool | tuple[float, ...], jobs: int,
             cache: Cache, log=print, options: dict | None = None) -> dict:
     fingerprint = normgraph_fingerprint()
     results: dict[tuple, Run] = {}
@@ -456,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=("all",) + SPLITS + ("select+dev",), default="all")
     p.add_argument("--optimizers", nargs="*", default=["normgraph", "adamw", "muon"])
     p.add_argument("--no-sweep", action="store_true", help="normgraph at its default lr only")
+    p.add_argument("--normgraph-sweep", nargs="*", type=float, default=None, metavar="MULTIPLE",
+                   help=f"multiples of normgraph's default lr to run (default: {' '.join(map(str, NORMGRAPH_SWEEP))})")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a tiny protocol (2 layers, width 32, 12 steps)")
     p.add_argument("--cache", default=str(ROOT / "benchmarks/results/zoo_runs.json"),
@@ -476,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
           f"cpu {torch.backends.cpu.get_cpu_capability()}, normgraph source {normgraph_fingerprint()}", flush=True)
     import ast
     options = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.normgraph_option)}
-    results = run_all(fams, proto, tuple(args.optimizers), not args.no_sweep, args.jobs, cache,
+    results = run_all(fams, proto, tuple(args.optimizers), False if args.no_sweep else tuple(args.normgraph_sweep or NORMGRAPH_SWEEP), args.jobs, cache,
                       log=lambda s: print(s, flush=True), options=options or None)
     rows = scores(results, fams, proto)
     text = table(rows) + "\n\n" + summary(rows) + f"\n\n(wall time {time.perf_counter() - start:.0f} s)\n"

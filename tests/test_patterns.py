@@ -240,3 +240,44 @@ def test_position_projections_that_feed_only_the_body_are_body_matrices():
     for i in range(L):
         assert atoms[f"blocks.{i}.pos_k.weight"].mass == pytest.approx(atoms[f"blocks.{i}.q.weight"].mass, rel=1e-9)
     assert atoms["blocks.0.pos_k.weight"].mass < atoms["head.weight"].mass
+
+
+class EncoderDecoder(nn.Module):
+    """One table read by an encoder and a decoder; each decoder block cross-attends to the
+    encoder's output (T5, BART)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.enc = nn.ModuleList(nn.Linear(D, D, bias=False) for _ in range(L))
+        self.enc_norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(L))
+        self.cross = nn.ModuleList(Attention("separate") for _ in range(L))
+        self.dec_norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(L))
+        self.final = nn.LayerNorm(D)
+        self.head = nn.Linear(D, V, bias=False)
+
+    def forward(self, ids):
+        e = self.emb(ids)
+        for f, n in zip(self.enc, self.enc_norms):
+            e = e + f(n(e))
+        y = self.emb(ids.flip(-1))
+        for attn, n in zip(self.cross, self.dec_norms):
+            q = heads(attn.q(n(y)))
+            k, v = heads(attn.k(e)), heads(attn.v(e))
+            y = y + attn.o(merge(F.scaled_dot_product_attention(q, k, v)))
+        return self.head(self.final(y))
+
+
+def test_an_encoders_embedding_read_through_cross_attention_stays_an_embedding():
+    """The decoder's cross-attention reads the encoder's output, and through it the encoder's
+    embedding; that table is upstream of the encoder's own joins, so it is no part of the
+    decoder's branches: it keeps an embedding's mass, as in a decoder-only network, while
+    the cross-attention's k and v projections (on the encoder's output) are body matrices."""
+    torch.manual_seed(0)
+    atoms = normgraph.analyze(EncoderDecoder(), (IDS,)).atoms
+    torch.manual_seed(0)
+    alone = normgraph.analyze(Net(), (IDS,)).atoms
+    assert atoms["emb.weight"].mass == pytest.approx(alone["emb.weight"].mass, rel=1e-9)
+    for name in ("cross.0.k.weight", "cross.0.v.weight", "enc.0.weight"):
+        assert atoms[name].mass == pytest.approx(atoms["cross.0.q.weight"].mass, rel=1e-9), name
+    assert atoms["cross.0.q.weight"].mass < atoms["emb.weight"].mass

@@ -437,7 +437,7 @@ def _residuals(cap: Captured, scales: Scales, plain_only: bool) -> Residuals:
     """The residual branches of plain joins only (`x + f(x)`, the body that shares
     `BODY_MASS`), or of any sum, explicitly weighted ones included (modula's
     `(1 − 1/L)·x + f(x)/L`, whose masses are designed but whose matrices still grow)."""
-    join = _plain_join(cap, scales) if plain_only else _any_join(cap)
+    join = _plain_join(cap, scales) if plain_only else _any_join(cap, scales)
     return residuals(cap.graph, scales.live, join, lambda n: n not in scales.weights and not is_integer(n))
 
 
@@ -465,21 +465,22 @@ def _atoms_in(nodes: set[fx.Node], atoms: dict[str, Atom],
     return [atoms[n] for n, specs in uses.items() if n in atoms and any(node in nodes for _, node, _ in specs)]
 
 
-def _any_join(cap: Captured) -> Callable[[fx.Node], bool]:
-    """Sums of every kind, explicitly weighted ones included (modula's convex residuals)."""
-    return lambda node: ops.op_name(node, cap.modules) in SUMS
+def _any_join(cap: Captured, scales: Scales) -> Callable[[fx.Node], bool]:
+    """Sums of every kind, explicitly weighted ones included (modula's convex residuals);
+    not a rotation `x·cos + R(x)·sin`, one activation turned."""
+    return lambda node: ops.op_name(node, cap.modules) in SUMS and node not in scales.rotations
 
 
 def _has_weighted_join(cap: Captured, scales: Scales) -> bool:
     """Whether some sum is explicitly weighted; without one, every join is plain and the walk
     of plain joins already is the walk of all of them."""
-    every, plain = _any_join(cap), _plain_join(cap, scales)
+    every, plain = _any_join(cap, scales), _plain_join(cap, scales)
     return any(every(node) and not plain(node) for node in cap.graph.nodes)
 
 
 def _plain_join(cap: Captured, scales: Scales) -> Callable[[fx.Node], bool]:
-    """Plain sums (`x + f(x)`): no term is explicitly weighted."""
+    """Plain sums (`x + f(x)`): no term is explicitly weighted, and not a rotation."""
     def join(node: fx.Node) -> bool:
-        return ops.op_name(node, cap.modules) in SUMS and not any(
+        return ops.op_name(node, cap.modules) in SUMS and node not in scales.rotations and not any(
             scales.scaled_explicitly(i) for _, i in ops.tensor_inputs(node) if i in scales.live)
     return join

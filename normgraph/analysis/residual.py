@@ -5,7 +5,8 @@ A residual join is a plain sum whose terms share an upstream activation: `x + f(
 doubled) is no join. The nodes strictly between that
 shared activation and the join are its *branch*; an atom used inside some branch is part
 of the body. Embeddings (upstream of every join, `tok + pos` shares nothing) and the
-output head (downstream of the last join) are not.
+output head (downstream of the last join) are not, also when a branch reads another stream
+(an encoder-decoder's cross-attention reads the encoder, whose embedding stays an embedding).
 
 Why it matters: with one unit of mass per atom, the embedding's and the head's shares of
 the update shrink like 1/depth while the body's grows, and the best learning rate drifts
@@ -77,8 +78,13 @@ def residuals(graph: fx.Graph, live: set[fx.Node], is_join: Callable[[fx.Node], 
         if not shared:
             continue  # `tok + pos`: independent inputs, not a residual join
         for term, r in zip(terms, reaches):
-            for n in _nodes(r & ~shared, carried):  # the branch; the first join after a node is its own
-                branch.setdefault(n, term)
+            # the branch; the first join after a node is its own. A side input that neither
+            # depends on the shared activation nor comes out of some join (an encoder's
+            # embedding, read by a decoder's cross-attention through the encoder) is no part
+            # of the branch: it is another stream's input.
+            for n in _nodes(r & ~shared, carried):
+                if ancestors[n] & shared or n in after_join:
+                    branch.setdefault(n, term)
         before_join |= ancestors[node]
         after_join.add(node)
     # between two joins: a post-norm LayerNorm after `x + f(x)` belongs to the body too
