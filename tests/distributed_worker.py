@@ -113,7 +113,7 @@ def ddp(rank: int, world: int, port: int, kind: str, orthogonalizer: str, ns_met
         # GPT-2's tables and the CNN's filters with row confidence (opt-in), the demo GPT's
         # without: both paths over ranks
         kw = dict(lr=0.05, orthogonalizer=orthogonalizer, ns_method=ns_method, compile_mode="eager",
-                  row_confidence=kind != "gpt", channel_convs=kind == "cnn")
+                  row_confidence=kind != "gpt")
         opt = normgraph.compile(wrapped, example(ids), **kw)
         ref = normgraph.compile(reference, example(ids), **kw)
         assert opt.shard_map and not ref.shard_map
@@ -185,7 +185,7 @@ def fsdp(rank: int, world: int, port: int, kind: str, orthogonalizer: str, ns_me
         # GPT-2's tables and the CNN's filters with row confidence (opt-in), the demo GPT's
         # without: both paths over ranks
         kw = dict(lr=0.05, orthogonalizer=orthogonalizer, ns_method=ns_method, compile_mode="eager",
-                  row_confidence=kind != "gpt", channel_convs=kind == "cnn")
+                  row_confidence=kind != "gpt")
         opt = normgraph.compile(model, example(ids), **kw)  # after sharding, as people build optimizers
         ref = normgraph.compile(reference, example(ids), **kw)
         assert opt.row_sharded

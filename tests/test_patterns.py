@@ -198,50 +198,6 @@ def test_partial_rotary_of_a_separate_q_is_not_a_fused_projection():
     assert ng.atoms["blocks.0.q.weight"].mass == ng.atoms["blocks.0.o.weight"].mass
 
 
-class RelativeAttention(nn.Module):
-    """DeBERTa's shape: logits q·kᵀ + q·posᵀ, pos a shared table normalised and projected in
-    each layer (no input flows through pos)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.q, self.k, self.v, self.o, self.pos_k = (nn.Linear(D, D, bias=False) for _ in range(5))
-
-    def forward(self, x, rel):
-        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        pos = self.pos_k(rel).view(T, H, HD).transpose(0, 1)
-        logits = (q @ k.transpose(-1, -2) + q @ pos.transpose(-1, -2)) / math.sqrt(HD)
-        return self.o(merge(torch.softmax(logits, -1) @ v))
-
-
-class RelativeNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(V, D)
-        self.rel = nn.Parameter(torch.randn(T, D))
-        self.rel_norm = nn.LayerNorm(D)
-        self.blocks = nn.ModuleList(RelativeAttention() for _ in range(L))
-        self.norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(L))
-        self.final = nn.LayerNorm(D)
-        self.head = nn.Linear(D, V, bias=False)
-
-    def forward(self, ids):
-        x, rel = self.emb(ids), self.rel_norm(self.rel)
-        for attn, n in zip(self.blocks, self.norms):
-            x = x + attn(n(x), rel)
-        return self.head(self.final(x))
-
-
-def test_position_projections_that_feed_only_the_body_are_body_matrices():
-    """A projection of a parameter-only table whose every use is inside the residual blocks
-    is part of the branch it feeds: it weighs as the block's other matrices do, rather than
-    taking a full matrix's mass of its own beside the body's."""
-    torch.manual_seed(0)
-    atoms = normgraph.analyze(RelativeNet(), (IDS,)).atoms
-    for i in range(L):
-        assert atoms[f"blocks.{i}.pos_k.weight"].mass == pytest.approx(atoms[f"blocks.{i}.q.weight"].mass, rel=1e-9)
-    assert atoms["blocks.0.pos_k.weight"].mass < atoms["head.weight"].mass
-
-
 class EncoderDecoder(nn.Module):
     """One table read by an encoder and a decoder; each decoder block cross-attends to the
     encoder's output (T5, BART)."""

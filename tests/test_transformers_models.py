@@ -69,7 +69,8 @@ EXPECTED = {
           (r"layernorm.*weight", "gain", None), (r"bias$", "bias", None),
           (r"[qkvo]_proj\.weight", "linear", (32, 32)), (r"fc1", "linear", (32, 64)), (r"fc2", "linear", (64, 32)),
           (r"classifier\.weight", "linear", (32, 3))],
-    resnet: [(r"embedder\.convolution\.weight", "stem", None), (r"convolution\.weight", "conv", None),
+    resnet: [(r"embedder\.convolution\.weight", "stem", None), (r"shortcut\.convolution|layer\.[02]\.convolution", "conv", None),  # 1×1: one matrix
+             (r"convolution\.weight", "channel_conv", None),  # rule 10
              (r"normalization\.weight", "gain", None),
              (r"bias$", "bias", None), (r"classifier\.1\.weight", "linear", (16, 3))],
     mixtral: [(r"embed_tokens", "embedding", None), (r"gate_up_proj", "expert", (32, 64)),  # gate, up ×2

@@ -56,8 +56,7 @@ def apply_default(atoms: dict[str, Atom], uses: Uses, cap: Captured, scales: Sca
         _mark_stems(atoms, uses, scales, kinds, diag)
     body_mass = options.resolved_body_mass(sensitivity)
     plain = _residuals(cap, scales, plain_only=True) if body_mass is not None else None
-    body = (_weigh_body(_atoms_in(plain.body | _feeders(plain.body, cap, scales), atoms, uses), body_mass, diag)
-            if plain is not None else [])
+    body = _weigh_body(_atoms_in(plain.body, atoms, uses), body_mass, diag) if plain is not None else []
     if body:
         _weigh_position_tables(atoms, uses, scales.live, options.position_table_mass, diag)
         _weigh_tied_head_norm(atoms, uses, cap, scales, options.tied_head_norm_mass, diag)
@@ -271,10 +270,12 @@ def _mark_stems(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.
 
 def _mark_channel_convs(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
                         scales: Scales, kinds: Mapping[str, str], diag: Diagnostics) -> None:
-    """A conv whose output only a BatchNorm reads (as its input) becomes a `channel_conv`
-    atom: row-normalised dual (every output channel's filter moves by the same RMS), its
-    budget divided by its K kernel positions (`budget_scale`), and no weight decay (only
-    orthogonalised kinds decay).
+    """A conv with more than one kernel position whose output only a BatchNorm reads (as its
+    input) becomes a `channel_conv` atom: row-normalised dual (every output channel's filter
+    moves by the same RMS), its budget divided by its K kernel positions (`budget_scale`),
+    and no weight decay (only orthogonalised kinds decay). A 1×1 conv stays a `conv`: it is
+    one matrix, orthogonalised (on the zoo, MobileNetV2's 1×1 expansions and projections as
+    channel convs cost 0.11 train loss over three seeds; docs/concepts.md §5, rule 10).
 
     Why: BatchNorm divides each channel by its own batch statistics, so the network's output
     does not depend on the scale of any one filter, only on its direction. A step of equal
@@ -288,8 +289,8 @@ def _mark_channel_convs(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomS
         atom = atoms.get(name)
         if atom is None or name in kinds or atom.kind != "conv" or not specs or len(atom.shape) < 3:
             continue
-        if all(u is not None and _read_only_by_batch_norm(u.node, scales) for _, _, u in specs):
-            positions = math.prod(atom.shape[2:])
+        positions = math.prod(atom.shape[2:])
+        if positions > 1 and all(u is not None and _read_only_by_batch_norm(u.node, scales) for _, _, u in specs):
             atom.kind, atom.dual, atom.norm, atom.options = kind.name, kind.dual, kind.norm, {}
             atom.budget_scale /= positions
             atom.note = f"{atom.note}; read only by a BatchNorm: moved per output channel, budget / {positions}"
@@ -439,24 +440,6 @@ def _residuals(cap: Captured, scales: Scales, plain_only: bool) -> Residuals:
     `(1 − 1/L)·x + f(x)/L`, whose masses are designed but whose matrices still grow)."""
     join = _plain_join(cap, scales) if plain_only else _any_join(cap, scales)
     return residuals(cap.graph, scales.live, join, lambda n: n not in scales.weights and not is_integer(n))
-
-
-def _feeders(body: set[fx.Node], cap: Captured, scales: Scales) -> set[fx.Node]:
-    """Computations made from parameters alone (no input) whose every use is inside the body.
-
-    Why: they are part of the branches they feed, though no activation flows through them.
-    DeBERTa's relative positions are a table, normalised and projected in each layer
-    (`pos_key_proj(LN(rel_embeddings))`) before they meet q and k in the attention logits;
-    counted outside the body, its eight position projections each took a full matrix's mass
-    beside the body's shared 8, and every other atom's share fell by 40%."""
-    found: set[fx.Node] = set()
-    for node in reversed(cap.graph.nodes):
-        if node in body or node not in scales.weights:
-            continue
-        users = [u for u in node.users if u in scales.live or u in body]
-        if users and all(u in body or u in found for u in users):
-            found.add(node)
-    return found
 
 
 def _atoms_in(nodes: set[fx.Node], atoms: dict[str, Atom],

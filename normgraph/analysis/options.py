@@ -62,7 +62,7 @@ class AnalysisOptions:
     fused_projections: bool = True
     table_multipliers: bool = True
     stems: bool = True
-    channel_convs: bool = False
+    channel_convs: bool = True
     body_mass: float | str | None = "auto"
     body_reference: float | str | None = "auto"
     body_profile: str = "flat"
