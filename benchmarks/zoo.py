@@ -1,8 +1,14 @@
 """Score normgraph's default against AdamW and Muon+AdamW on a zoo of unmodified models.
 
-    python benchmarks/zoo.py                       # the whole zoo (about 80 min on 2 cores)
+    python benchmarks/zoo.py                       # the whole zoo (45 families, every optimizer)
     python benchmarks/zoo.py --split holdout       # only the held-back quarter
     python benchmarks/zoo.py --families phi bloom --no-sweep
+    python benchmarks/zoo.py --split select+dev --optimizers normgraph --normgraph-sweep 0.5 1 2
+
+On 2 cores the held-back quarter took 39 min from scratch (every optimizer), normgraph's
+sweep on the other 33 families 40 min; the baselines of those 33 from scratch about 3 hours
+(docs/results.md §20). `benchmarks/results/zoo_runs.json` ships every finished run, so a
+change to normgraph reruns only normgraph.
 
 Every family (benchmarks/zoo_families.py) is trained with the same data, init, steps and
 schedule by each optimizer:

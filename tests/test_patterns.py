@@ -237,3 +237,19 @@ def test_an_encoders_embedding_read_through_cross_attention_stays_an_embedding()
     for name in ("cross.0.k.weight", "cross.0.v.weight", "enc.0.weight"):
         assert atoms[name].mass == pytest.approx(atoms["cross.0.q.weight"].mass, rel=1e-9), name
     assert atoms["cross.0.q.weight"].mass < atoms["emb.weight"].mass
+
+
+def test_without_a_body_a_fused_projection_keeps_its_mass_and_is_orthogonalized_per_part():
+    """Modula's explicitly weighted residuals (the demo GPT) keep the masses they were written
+    with: its fused q/k/v weighs one matrix, as before, and each part is still orthogonalized
+    on its own (weighing it as three cost the demo 0.115 of train loss, concepts.md §5)."""
+    from normgraph.demo.models import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(d_model=32, n_layer=2, n_head=4, block_size=16))
+    atoms = normgraph.analyze(model, (torch.randint(0, 256, (2, 16)),)).atoms
+    qkv = atoms["blocks.0.attn.qkv.weight"]
+    assert qkv.mass == atoms["blocks.0.attn.proj.weight"].mass
+    assert "3 parts" in qkv.note and "weighs" not in qkv.note
+    w = model.blocks[0].attn.qkv.weight.detach()
+    mats = torch.cat([as_matrices(w if sl is None else w.narrow(*sl), sub.options) for sl, sub in atom_parts(qkv)])
+    assert mats.shape == (3, 32, 32)

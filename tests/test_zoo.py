@@ -118,6 +118,14 @@ def test_verdicts_and_sweep_extension():
     assert zoo._extensions(runs, fam, "adamw", (0,)) == []
 
 
+def test_the_normgraph_sweep_runs_the_multiples_asked_for():
+    fams = [FAMILIES["gpt2"]]
+    mults = lambda sweep: [m for f, k, m, s in zoo.schedule(fams, TINY, ("normgraph",), sweep)]  # noqa: E731
+    assert mults(True) == list(zoo.NORMGRAPH_SWEEP)
+    assert mults(False) == [1.0]
+    assert mults((0.5, 1.0, 2.0)) == [0.5, 1.0, 2.0]
+
+
 def test_the_quick_zoo_runs_end_to_end(tmp_path, capsys):
     """The command itself, at the tiny protocol, two families, one job: a table with a row each."""
     out = tmp_path / "table.md"

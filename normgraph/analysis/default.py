@@ -50,12 +50,13 @@ def apply_default(atoms: dict[str, Atom], uses: Uses, cap: Captured, scales: Sca
                   sensitivity: str, kinds: Mapping[str, str], options: AnalysisOptions, diag: Diagnostics) -> None:
     """The default's masses, budget scales and decays, step by step (see the module docstring)."""
     hybrid = sensitivity == "hybrid"
-    parts = (_weigh_fused_projections(atoms, uses, cap, scales.live, kinds, diag)
+    body_mass = options.resolved_body_mass(sensitivity)
+    plain = _residuals(cap, scales, plain_only=True) if body_mass is not None else None
+    parts = (_weigh_fused_projections(atoms, uses, cap, scales.live, kinds, diag,
+                                      weigh=plain is not None and bool(plain.branch))
              if hybrid and options.fused_projections else {})
     if hybrid and options.stems:
         _mark_stems(atoms, uses, scales, kinds, diag)
-    body_mass = options.resolved_body_mass(sensitivity)
-    plain = _residuals(cap, scales, plain_only=True) if body_mass is not None else None
     body = _weigh_body(_atoms_in(plain.body, atoms, uses), body_mass, diag) if plain is not None else []
     if body:
         _weigh_position_tables(atoms, uses, scales.live, options.position_table_mass, diag)
@@ -170,16 +171,20 @@ def _decay_body(body: list[Atom], weighted: list[Atom], atoms: dict[str, Atom],
 
 def _weigh_fused_projections(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
                              cap: Captured, live: set[fx.Node], kinds: Mapping[str, str],
-                             diag: Diagnostics) -> dict[str, int]:
+                             diag: Diagnostics, weigh: bool = True) -> dict[str, int]:
     """A matrix whose output is read in k disjoint parts (a fused q/k/v or gate/up
     projection, in any layout: `patterns.output_parts`) weighs k matrices: its mass, and its
-    bias's, × k; and each part is orthogonalized on its own where the layout allows.
+    bias's, × k (`weigh`: beside a residual body, whose total mass is fixed); and each part
+    is orthogonalized on its own where the layout allows.
 
     Why: fusing separate projections into one matrix is a layout choice, not a change of the
     network, so it must not change the steps. Counted as one atom, a fused q/k/v projection
     got a third of the mass that the same three matrices get unfused, while its downstream
     summed all three parts: each part moved a third as far as in Llama, and GPT-NeoX trained
-    to 2.13 where its matrices weighed as three reached 1.87 (docs/concepts.md §5)."""
+    to 2.13 where its matrices weighed as three reached 1.87 (docs/concepts.md §5). Without a
+    body (modula's explicitly weighted residuals, the demo GPT) the masses are the ones the
+    network was written with, and they stay: weighing the demo GPT's q/k/v as three cost it
+    0.115 of train loss (1.279 → 1.394)."""
     by_node: dict[fx.Node, list[str]] = {}
     for name, specs in uses.items():
         if name in atoms and name not in kinds and len(specs) == 1 and atoms[name].kind in ("linear", "bias"):
@@ -199,13 +204,14 @@ def _weigh_fused_projections(atoms: dict[str, Atom], uses: dict[str, list[tuple[
             continue
         k = len(parts)
         for n in names:
-            atoms[n].mass *= k
-            atoms[n].note = f"{atoms[n].note}; output read in {k} parts: weighs {k}"
+            if weigh:
+                atoms[n].mass *= k
+            atoms[n].note = f"{atoms[n].note}; output read in {k} parts" + (f": weighs {k}" if weigh else "")
             counts[n] = k
         _orthogonalize_parts(atom, parts, rows)
-        fused.append(f"{atom.name} ×{k}")
+        fused.append(f"{atom.name} ×{k}" if weigh else atom.name)
     if fused:
-        diag.notes.append(f"fused projections weigh their parts: {', '.join(fused)}")
+        diag.notes.append(f"fused projections {'weigh' if weigh else 'orthogonalize'} their parts: {', '.join(fused)}")
     return counts
 
 
