@@ -185,10 +185,16 @@ def _constant(x: object, cap: Captured) -> float | None:
     return None
 
 
-def _times(factor: float | None, c: float | None, divide: bool = False) -> float | None:
-    if factor is None or c is None or c == 0:
-        return None
-    return factor / c if divide else factor * c
+def _scaling(n: fx.Node, data: fx.Node, cap: Captured) -> float | None:
+    """The constant `n` (a mul or div of `data` by something else) multiplies `data` by."""
+    other = [a for a in n.args[:2] if a is not data]
+    c = _constant(other[0], cap) if other else 1.0
+    return None if c is None or c == 0 else (1.0 / c if ops.op_name(n, cap.modules) == "div" else c)
+
+
+def _times(factor: float | None, c: float | None) -> float | None:
+    """factor · c, unknown (None) if either is unknown or c is 0."""
+    return None if factor is None or c is None or c == 0 else factor * c
 
 
 def _through(node: fx.Node, way: set[str], cap: Captured) -> fx.Node:
@@ -222,8 +228,7 @@ def _logit_terms(logits: fx.Node, live: set[fx.Node], weights: set[fx.Node], cap
         elif op in ("mul", "div"):
             if len(inputs) != 1:
                 return None  # a product of two activations is not a scaling of the logits
-            other = [a for a in n.args[:2] if a is not inputs[0]]
-            stack.append((inputs[0], _times(factor, _constant(other[0], cap) if other else 1.0, op == "div")))
+            stack.append((inputs[0], _times(factor, _scaling(n, inputs[0], cap))))
         elif op in ("add", "sub"):
             stack.extend((i, factor) for i in inputs)
         elif op in _PRODUCTS:
@@ -255,8 +260,7 @@ def _operand_factor(x: fx.Node, live: set[fx.Node], cap: Captured) -> float | No
         op = ops.op_name(x, cap.modules)
         inputs = [i for i in x.all_input_nodes if i in live]
         if op in ("mul", "div") and len(inputs) == 1:
-            other = [a for a in x.args[:2] if a is not inputs[0]]
-            factor = _times(factor, _constant(other[0], cap) if other else 1.0, op == "div")
+            factor = _times(factor, _scaling(x, inputs[0], cap))
             if factor is None:
                 return None
             x = inputs[0]

@@ -45,6 +45,7 @@ import torch.fx as fx
 
 from ..core.registry import Registry
 from . import ops
+from .patterns import temperature
 from .rules import BondInput, Use, bond_sensitivity
 
 #: Output scale of an op: rule(node, args, S) with S(x) the scale of any argument.
@@ -557,11 +558,9 @@ def _temperature(b: BondInput) -> float:
     """SDPA's `scale` · √d (1 without `scale`: the default 1/√d): how far its logits move under
     a relative change of q or k. T5 passes scale=1, so its logits move √d times as far."""
     scale = b.args.get("scale")
-    query = ops.arg(b.args, "query", 0)
-    shape = ops.shape_of(query)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not shape:
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         return 1.0
-    return abs(float(scale)) * math.sqrt(shape[-1])
+    return temperature(abs(float(scale)), ops.arg(b.args, "query", 0))
 
 
 def _summed_bond(b: BondInput, S: Scales) -> float:
