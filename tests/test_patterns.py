@@ -74,6 +74,8 @@ class Attention(nn.Module):
         if self.written == "key":  # the scale folded into k before the product (DeBERTa)
             scores = q @ (k * (scale or 1 / math.sqrt(HD))).transpose(-1, -2)
             y = torch.softmax(scores, dim=-1) @ v
+        elif self.written == "query-sdpa":  # q scaled before an SDPA told scale=1 (OPT, Whisper)
+            y = F.scaled_dot_product_attention(q * (scale or 1 / math.sqrt(HD)), k, v, scale=1.0)
         elif self.written:
             scores = (q @ k.transpose(-1, -2)) * (scale or 1 / math.sqrt(HD))
             y = torch.softmax(scores, dim=-1) @ v
@@ -84,13 +86,16 @@ class Attention(nn.Module):
 
 class Net(nn.Module):
     def __init__(self, layout: str = "separate", written: bool | str = False, rotary: str = "none",
-                 multiplier: float | None = None, temperature: float | None = None) -> None:
+                 multiplier: float | None = None, temperature: float | None = None, mlp: str = "gelu") -> None:
         super().__init__()
-        self.multiplier = multiplier
+        self.multiplier, self.mlp = multiplier, mlp
         self.emb = nn.Embedding(V, D)
         self.blocks = nn.ModuleList(Attention(layout, written, rotary, temperature) for _ in range(L))
         self.norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(L))
-        self.fc = nn.ModuleList(nn.Linear(D, 4 * D, bias=False) for _ in range(L))
+        width = 8 * D if mlp == "swiglu-fused" else 4 * D  # fused: gate and up in one matrix (Phi-3)
+        self.fc = nn.ModuleList(nn.Linear(D, width, bias=False) for _ in range(L))
+        if mlp == "swiglu":
+            self.up = nn.ModuleList(nn.Linear(D, 4 * D, bias=False) for _ in range(L))
         self.proj = nn.ModuleList(nn.Linear(4 * D, D, bias=False) for _ in range(L))
         self.norms2 = nn.ModuleList(nn.LayerNorm(D) for _ in range(L))
         self.final = nn.LayerNorm(D)
@@ -100,9 +105,16 @@ class Net(nn.Module):
         x = self.emb(ids)
         if self.multiplier is not None:
             x = x * self.multiplier
-        for attn, n1, fc, proj, n2 in zip(self.blocks, self.norms, self.fc, self.proj, self.norms2):
+        for i, (attn, n1, fc, proj, n2) in enumerate(zip(self.blocks, self.norms, self.fc, self.proj, self.norms2)):
             x = x + attn(n1(x))
-            x = x + proj(F.gelu(fc(n2(x))))
+            h = n2(x)
+            if self.mlp == "swiglu":
+                x = x + proj(F.silu(fc(h)) * self.up[i](h))
+            elif self.mlp == "swiglu-fused":
+                gate, up = fc(h).chunk(2, dim=-1)
+                x = x + proj(F.silu(gate) * up)
+            else:
+                x = x + proj(F.gelu(fc(h)))
         return self.head(self.final(x))
 
 
@@ -143,6 +155,20 @@ def test_fused_qkv_orthogonalizes_each_part(layout):
     torch.testing.assert_close(mats, expected)
 
 
+def test_fused_gate_and_up_read_as_a_gate():
+    """`silu(x W_g) · x W_u` with W_g and W_u fused into one matrix and chunked (Phi-3,
+    ModernBERT) is the same gated unit as with two matrices: the two pieces of one product
+    are two maps. Every other atom keeps its budget, and the fused matrix moves as far as
+    the separate gate and up (which the quadrature reads as one atom of twice the mass)."""
+    sep, fused = budgets(mlp="swiglu"), budgets(mlp="swiglu-fused")
+    for n in fused:
+        if not n.startswith("fc."):
+            assert fused[n] == pytest.approx(sep[n], rel=1e-9), n
+    for i in range(L):
+        parts = sorted((sep[f"fc.{i}.weight"], sep[f"up.{i}.weight"]))
+        assert parts[0] * (1 - 1e-9) <= fused[f"fc.{i}.weight"] <= parts[1] * (1 + 1e-9)
+
+
 def test_written_out_attention_reads_as_sdpa():
     """softmax(q·kᵀ/√d)·v written op by op gets the budgets of the same attention in one
     SDPA call: q, k and v a third each, q and k in relative terms."""
@@ -154,16 +180,17 @@ def test_written_out_attention_reads_as_sdpa():
 def test_logit_temperature_is_read_in_every_spelling():
     """Logits `c·q·kᵀ/√d` move c times as far under a relative change of q or k as the usual
     ones (T5 passes SDPA scale=1, DeBERTa divides k by √(3d)): the same budgets whether c is
-    SDPA's `scale`, a factor on the scores or a factor on k, the usual budgets at c = 1, and
-    smaller q and k budgets at c > 1."""
+    SDPA's `scale`, a factor on the scores, a factor on k, or a factor on q in front of an
+    SDPA told scale=1 (OPT), the usual budgets at c = 1, and smaller q and k budgets at c > 1."""
     usual = budgets()
     assert budgets(temperature=1.0) == pytest.approx(usual, rel=1e-9)
     hot = budgets(temperature=4.0)
-    for written in (True, "key"):
+    for written in (True, "key", "query-sdpa"):
         other = budgets(temperature=4.0, written=written)
         for n in hot:
             assert other[n] == pytest.approx(hot[n], rel=1e-9), (written, n)
-    assert budgets(temperature=1.0, written="key") == pytest.approx(usual, rel=1e-9)
+    for written in ("key", "query-sdpa"):
+        assert budgets(temperature=1.0, written=written) == pytest.approx(usual, rel=1e-9), written
     for part in ("q", "k"):
         assert hot[f"blocks.0.{part}.weight"] < usual[f"blocks.0.{part}.weight"]
 
@@ -253,3 +280,49 @@ def test_without_a_body_a_fused_projection_keeps_its_mass_and_is_orthogonalized_
     w = model.blocks[0].attn.qkv.weight.detach()
     mats = torch.cat([as_matrices(w if sl is None else w.narrow(*sl), sub.options) for sl, sub in atom_parts(qkv)])
     assert mats.shape == (3, 32, 32)
+
+
+class ParallelNet(nn.Module):
+    """GPT-J/Phi blocks: `x + attn(n(x)) + mlp(n(x))`, one norm read by both branches, or
+    NeoX's two norms (`shared=False`)."""
+
+    def __init__(self, shared: bool) -> None:
+        super().__init__()
+        self.shared = shared
+        self.emb = nn.Embedding(V, D)
+        self.attn = nn.ModuleList(Attention("separate") for _ in range(L))
+        self.n1 = nn.ModuleList(nn.LayerNorm(D) for _ in range(L))
+        self.n2 = nn.ModuleList(nn.LayerNorm(D) for _ in range(L))
+        self.fc = nn.ModuleList(nn.Linear(D, 4 * D, bias=False) for _ in range(L))
+        self.proj = nn.ModuleList(nn.Linear(4 * D, D, bias=False) for _ in range(L))
+        self.final = nn.LayerNorm(D)
+        self.head = nn.Linear(D, V, bias=False)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for i in range(L):
+            a = self.n1[i](x)
+            m = a if self.shared else self.n2[i](x)
+            x = x + self.attn[i](a) + self.proj[i](F.gelu(self.fc[i](m)))
+        return self.head(self.final(x))
+
+
+def test_an_activation_read_in_two_branches_sums_them_in_quadrature():
+    """A parallel block's one norm read by the attention and the MLP branch: within a branch
+    its uses add up (q, k and v of one input), across branches they add in quadrature, as a
+    stream read by its next block does (`branch_fanout`). The norm's gain then has downstream
+    √(A² + B²), A and B the two branches' sums, and the table below it gets the budget it gets
+    with a norm for each branch (NeoX's layout), which the old sum did not give it."""
+    def run(shared: bool, **kw):
+        torch.manual_seed(0)
+        return normgraph.analyze(ParallelNet(shared), (IDS,), **kw).atoms
+    for fanout in (True, False):
+        atoms = run(True, branch_fanout=fanout)
+        for i in range(L):
+            a = sum(atoms[f"attn.{i}.{p}.weight"].downstream for p in "qkv")
+            b = atoms[f"fc.{i}.weight"].downstream
+            want = math.hypot(a, b) if fanout else a + b
+            assert atoms[f"n1.{i}.weight"].downstream == pytest.approx(want, rel=1e-9)
+    two = run(False)
+    assert run(True)["emb.weight"].budget == pytest.approx(two["emb.weight"].budget, rel=1e-9)
+    assert run(True, branch_fanout=False)["emb.weight"].budget < 0.7 * two["emb.weight"].budget

@@ -121,8 +121,14 @@ def test_verdicts_and_sweep_extension():
 def test_the_normgraph_sweep_runs_the_multiples_asked_for():
     fams = [FAMILIES["gpt2"]]
     mults = lambda sweep: [m for f, k, m, s in zoo.schedule(fams, TINY, ("normgraph",), sweep)]  # noqa: E731
-    assert mults(True) == list(zoo.NORMGRAPH_SWEEP)
+    assert mults(True) == [0.5, 1.0, 2.0]
     assert mults(False) == [1.0]
+    # the default sweep reaches ¼ or 4 only while the best is at that end, and no further
+    runs = {("gpt2", "normgraph", m, 0): zoo.Run("gpt2", "normgraph", m, 0, train=t, held=t)
+            for m, t in ((0.5, 2.3), (1.0, 2.2), (2.0, 2.1))}
+    assert zoo._extensions(runs, fams[0], "normgraph", (0,)) == [4.0]
+    runs[("gpt2", "normgraph", 4.0, 0)] = zoo.Run("gpt2", "normgraph", 4.0, 0, train=2.0, held=2.0)
+    assert zoo._extensions(runs, fams[0], "normgraph", (0,)) == []
     assert mults((0.5, 1.0, 2.0)) == [0.5, 1.0, 2.0]
 
 
@@ -138,3 +144,13 @@ def test_the_quick_zoo_runs_end_to_end(tmp_path, capsys):
     assert zoo.main(["--quick", "--families", "llama", "resnet", "--no-sweep", "--jobs", "1",
                      "--cache", str(tmp_path / "runs.json")]) == 0
     assert "  llama" not in capsys.readouterr().out.split("# zoo:")[-1].split("| family")[0]
+
+
+def test_calibration_reads_the_best_of_a_sweep_as_a_parabola_in_log_lr():
+    """`zoo_calibration.log_argmin`: the vertex of the parabola through the best point and its
+    neighbours (in log2 of the lr), the end point when the best is at an end."""
+    import zoo_calibration
+    curve = {2.0 ** k: (k - 0.3) ** 2 for k in range(-2, 3)}  # a parabola with its vertex at 0.3
+    assert zoo_calibration.log_argmin(curve) == pytest.approx(0.3)
+    assert zoo_calibration.log_argmin({0.5: 1.0, 1.0: 2.0, 2.0: 3.0}) == -1.0
+    assert zoo_calibration.log_argmin({0.5: 3.0, 1.0: 2.0, 2.0: 1.0}) == 1.0

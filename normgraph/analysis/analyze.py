@@ -36,7 +36,7 @@ from .rules import (ATOM_RULES, PARAM_FLOW,
 from .patterns import attention_reads, rotary_joins
 from .scale import Scales, atom_gain, scaled_bond
 from .trace import Captured, capture
-from .default import apply_default
+from .default import apply_default, plain_branches
 from .options import AnalysisOptions
 from .wrappers import analysable, on_meta, to_meta
 
@@ -131,7 +131,9 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             diag.notes.append(f"constant(s) with no values (meta device): {', '.join(names[:4])}"
                               f"{' …' if len(names) > 4 else ''} count scale 1 where they multiply an "
                               "activation (with their values, their largest entry)")
-        D, assumed = downstream(cap, scales, attention=options.attention_patterns)
+        branches = (plain_branches(cap, scales) if scales is not None and scales.hybrid and options.branch_fanout
+                    else None)
+        D, assumed = downstream(cap, scales, attention=options.attention_patterns, branches=branches)
         diag.assumed_ops = assumed
         atoms = _graph_atoms(trainable, uses, D, kinds or {}, diag, scales)
         if scales is not None:
@@ -183,16 +185,44 @@ def _bond(b: BondInput, scales: Scales | None) -> tuple[float, bool]:
     return bond_sensitivity(b) if scales is None else scaled_bond(b, scales)
 
 
-def downstream(cap: Captured, scales: Scales | None = None,
-               attention: bool = True) -> tuple[dict[fx.Node, float], dict[str, int]]:
+def downstream(cap: Captured, scales: Scales | None = None, attention: bool = True,
+               branches: Mapping[fx.Node, fx.Node] | None = None) -> tuple[dict[fx.Node, float], dict[str, int]]:
     """D of every node (reverse path-sum), and the ops whose sensitivity had to be assumed.
 
     Without `scales` the bonds are modula's (every activation unit-sized); with them, the
-    "scale" mode's (see `normgraph.analysis.scale`)."""
+    "scale" mode's (see `normgraph.analysis.scale`). With `branches` (each node inside a
+    residual branch → the branch's output), an activation read inside two or more branches
+    adds up its uses within each branch and sums the branches in quadrature, as a residual
+    stream read by its next block does: the branches reach the output as independent terms
+    of the stream (a parallel block's one norm read by attention and MLP, an encoder's
+    output read by every decoder block)."""
     def p_of(node: fx.Node) -> float:  # how the uses of `node` combine: Σ (s·D(use))^p, then ^(1/p)
         return scales.p_of_uses(node) if scales is not None else 1.0
 
+    fans: dict[fx.Node, bool] = {}
+
+    def fanned(node: fx.Node) -> bool:  # read inside several branches, its uses otherwise summed
+        if node not in fans:
+            fans[node] = bool(branches) and p_of(node) == 1.0 and len(
+                {branches[u] for u in node.users if u in branches}) > 1
+        return fans[node]
+
     D: dict[fx.Node, float] = {n: 0.0 for n in cap.graph.nodes}  # Σ over uses of (s·D(use))^p
+    per_branch: dict[fx.Node, dict[fx.Node | None, float]] = {}  # a fanned node: branch → Σ s·D(use)
+
+    def add(x: fx.Node, v: float, user: fx.Node) -> None:
+        if fanned(x):
+            groups = per_branch.setdefault(x, {})
+            key = branches.get(user)
+            groups[key] = groups.get(key, 0.0) + v
+        else:
+            D[x] += v ** p_of(x)
+
+    def total(node: fx.Node) -> float:
+        if node in per_branch:
+            return math.sqrt(sum(v * v for v in per_branch[node].values()))
+        return D[node] ** (1.0 / p_of(node))
+
     for out in cap.outputs:
         D[out] += 1.0
     live = scales.live if scales is not None else _live(cap)
@@ -202,21 +232,21 @@ def downstream(cap: Captured, scales: Scales | None = None,
     attention = attention_reads(cap, live, scales.weights) if scales is not None and attention else {}
     assumed: dict[str, int] = {}
     for node in reversed(cap.graph.nodes):
-        d = D[node] ** (1.0 / p_of(node))  # every use of `node` comes after it: its sum is complete
+        d = total(node)  # every use of `node` comes after it: its sum is complete
         if d == 0.0 or node.op in ("placeholder", "get_attr", "output"):
             continue
         if node in rotations:  # a rotation of one activation: an isometry, one bond of 1
-            D[rotations[node]] += d ** p_of(rotations[node])
+            add(rotations[node], d, node)
             continue
         if node in attention:  # as `_attention_bond` reads SDPA: a third each, q and k relative
             read, share = attention[node], d / 3.0
             sv = scales(read.value)
-            D[read.value] += share ** p_of(read.value)
+            add(read.value, share, node)
             for (a, b), t in zip(read.products, read.temperatures):
                 for x in (a, b):
-                    D[x] += (share * sv * t / (scales(x) or 1.0)) ** p_of(x)
+                    add(x, share * sv * t / (scales(x) or 1.0), node)
             for t in read.terms:
-                D[t] += (share * sv) ** p_of(t)
+                add(t, share * sv, node)
             continue
         op = ops.op_name(node, cap.modules)
         entry = module_entry(cap.modules[str(node.target)]) if node.op == "call_module" else None
@@ -233,8 +263,8 @@ def downstream(cap: Captured, scales: Scales | None = None,
             if was_assumed and not counted:
                 assumed[op] = assumed.get(op, 0) + 1
                 counted = True
-            D[inp] += (s * d) ** p_of(inp)
-    return {n: v ** (1.0 / p_of(n)) for n, v in D.items()}, assumed
+            add(inp, s * d, node)
+    return {n: total(n) for n in D}, assumed
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,9 +16,10 @@ hand-derived values):
 9. weight decay: stream readers and weighted residual branches (plain branches: `body_decay`, 0)
                                                                    tests/test_body_quadrature.py
 
-Reading attention written out (`attention_patterns`), partial rotary and a table's multiplier
-(`table_multipliers`) happen earlier, while the downstreams are read (`analysis.patterns`,
-`analysis.scale`).
+Reading attention written out (`attention_patterns`), partial rotary, a table's multiplier
+(`table_multipliers`) and an activation read inside several branches (`branch_fanout`, with
+`plain_branches`) happen earlier, while the downstreams are read (`analysis.patterns`,
+`analysis.scale`, `analysis.analyze.downstream`).
 """
 from __future__ import annotations
 
@@ -438,6 +439,11 @@ def _weigh_body(inside: list[Atom], total: float, diag: Diagnostics) -> list[Ato
     diag.notes.append(f"residual body: {len(inside)} atoms inside residual branches share mass {total:g} "
                       f"(body_mass; one unit per atom would give them {own:g})")
     return inside
+
+
+def plain_branches(cap: Captured, scales: Scales) -> dict[fx.Node, fx.Node]:
+    """Each node inside a plain residual branch → the branch's output (`Residuals.branch`)."""
+    return _residuals(cap, scales, plain_only=True).branch
 
 
 def _residuals(cap: Captured, scales: Scales, plain_only: bool) -> Residuals:

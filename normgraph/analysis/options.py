@@ -43,6 +43,9 @@ class AnalysisOptions:
     attention_patterns  attention written out op by op reads as SDPA (`patterns.attention_reads`)
     fused_projections   a matrix read in k parts weighs k matrices (`patterns.output_parts`)
     table_multipliers   a constant multiplier on a table's rows belongs to the table
+    branch_fanout       an activation read inside several residual branches (a parallel
+                        block's one norm, an encoder's output read by each decoder block)
+                        adds its uses within a branch and sums the branches in quadrature
     stems               a conv reading the raw input moves entrywise (sign dual, a gain's mass)
     channel_convs       a conv read only by a BatchNorm moves per output channel
     body_mass           total mass of the atoms in plain residual branches ("auto": 8 in
@@ -61,6 +64,7 @@ class AnalysisOptions:
     attention_patterns: bool = True
     fused_projections: bool = True
     table_multipliers: bool = True
+    branch_fanout: bool = True
     stems: bool = True
     channel_convs: bool = True
     body_mass: float | str | None = "auto"
@@ -77,8 +81,8 @@ class AnalysisOptions:
             raise ValueError(f"conv_mode={self.conv_mode!r}: expected one of {CONV_MODES}")
         if self.body_profile not in BODY_PROFILES:
             raise ValueError(f"body_profile={self.body_profile!r}: expected one of {BODY_PROFILES}")
-        for name in ("split_packed", "attention_patterns", "fused_projections", "table_multipliers", "stems",
-                     "channel_convs"):
+        for name in ("split_packed", "attention_patterns", "fused_projections", "table_multipliers",
+                     "branch_fanout", "stems", "channel_convs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")
         for name in ("body_mass", "body_reference"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 import torch.fx as fx
@@ -175,21 +176,21 @@ def temperature(factor: float | None, operand: fx.Node) -> float:
     return factor * math.sqrt(shape[-1]) if shape and factor is not None else 1.0
 
 
-def _constant(x: object, cap: Captured) -> float | None:
+def _constant(x: object, values: Mapping[fx.Node, object]) -> float | None:
     """The magnitude of a constant factor: a number's, or a stored scalar tensor's; None if unknown."""
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return abs(float(x))
-    value = cap.values.get(x) if isinstance(x, fx.Node) else None
+    value = values.get(x) if isinstance(x, fx.Node) else None
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta:
         return abs(float(value))
     return None
 
 
-def _scaling(n: fx.Node, data: fx.Node, cap: Captured) -> float | None:
+def _scaling(n: fx.Node, data: fx.Node, modules: Mapping[str, Any], values: Mapping[fx.Node, object]) -> float | None:
     """The constant `n` (a mul or div of `data` by something else) multiplies `data` by."""
     other = [a for a in n.args[:2] if a is not data]
-    c = _constant(other[0], cap) if other else 1.0
-    return None if c is None or c == 0 else (1.0 / c if ops.op_name(n, cap.modules) == "div" else c)
+    c = _constant(other[0], values) if other else 1.0
+    return None if c is None or c == 0 else (1.0 / c if ops.op_name(n, modules) == "div" else c)
 
 
 def _times(factor: float | None, c: float | None) -> float | None:
@@ -228,7 +229,7 @@ def _logit_terms(logits: fx.Node, live: set[fx.Node], weights: set[fx.Node], cap
         elif op in ("mul", "div"):
             if len(inputs) != 1:
                 return None  # a product of two activations is not a scaling of the logits
-            stack.append((inputs[0], _times(factor, _scaling(n, inputs[0], cap))))
+            stack.append((inputs[0], _times(factor, _scaling(n, inputs[0], cap.modules, cap.values))))
         elif op in ("add", "sub"):
             stack.extend((i, factor) for i in inputs)
         elif op in _PRODUCTS:
@@ -242,9 +243,9 @@ def _logit_terms(logits: fx.Node, live: set[fx.Node], weights: set[fx.Node], cap
             if len(pair) != 2 or not all(a in live for a in pair) or all(a in weights for a in pair):
                 return None  # q·kᵀ, or q·posᵀ with pos made from parameters only (DeBERTa's c2p)
             if op == "baddbmm":
-                factor = _times(factor, _constant(n.kwargs.get("alpha", n.args[4] if len(n.args) > 4 else 1.0), cap))
+                factor = _times(factor, _constant(n.kwargs.get("alpha", n.args[4] if len(n.args) > 4 else 1.0), cap.values))
             for x in pair:
-                factor = _times(factor, _operand_factor(x, live, cap))
+                factor = _times(factor, operand_factor(x, live, cap.modules, cap.values))
             products.append((pair[0], pair[1]))
             temps.append(temperature(factor, pair[0]))
         else:
@@ -252,15 +253,16 @@ def _logit_terms(logits: fx.Node, live: set[fx.Node], weights: set[fx.Node], cap
     return (tuple(products), tuple(terms), tuple(temps)) if products else None
 
 
-def _operand_factor(x: fx.Node, live: set[fx.Node], cap: Captured) -> float | None:
+def operand_factor(x: fx.Node, live: set[fx.Node], modules: Mapping[str, Any],
+                   values: Mapping[fx.Node, object]) -> float | None:
     """Constant factors applied to q or k between their projection and the product
-    (DeBERTa divides k by √(3d) there)."""
+    (DeBERTa divides k by √(3d) there; OPT multiplies q by 1/√d and calls SDPA with scale 1)."""
     factor: float | None = 1.0
     while True:
-        op = ops.op_name(x, cap.modules)
+        op = ops.op_name(x, modules)
         inputs = [i for i in x.all_input_nodes if i in live]
         if op in ("mul", "div") and len(inputs) == 1:
-            factor = _times(factor, _scaling(x, inputs[0], cap))
+            factor = _times(factor, _scaling(x, inputs[0], modules, values))
             if factor is None:
                 return None
             x = inputs[0]

@@ -45,7 +45,7 @@ import torch.fx as fx
 
 from ..core.registry import Registry
 from . import ops
-from .patterns import temperature
+from .patterns import operand_factor, temperature
 from .rules import BondInput, Use, bond_sensitivity
 
 #: Output scale of an op: rule(node, args, S) with S(x) the scale of any argument.
@@ -59,6 +59,11 @@ SCALED_BOND_RULES: Registry[str, ScaledBondRule] = Registry("scale-mode bond rul
 NORMALISATIONS = ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")
 #: Ops whose output is the sum of their inputs (the scale rule `_sum_of_inputs`).
 SUMS = ("add", "sub", "rsub")
+#: Ops that pick a piece of a tensor, and the splits whose outputs `getitem` picks.
+_PICKS = ("getitem", "slice", "narrow", "select")
+_SPLITS = ("split", "split_with_sizes", "chunk", "unbind", "tensor_split")
+#: Products whose output's pieces are maps of their own (`Scales._part_of_product`).
+_PRODUCTS = ("linear", "matmul", "mm", "addmm", "bmm", "einsum", "conv1d", "conv2d", "conv3d", "convolution")
 
 
 def register_scale_rule(op: str, *, scale: ScaleRule | None = None,
@@ -102,6 +107,7 @@ class Scales:
         self._roots: dict[fx.Node, int] = {}  # memo of `_root_bits`
         self._root_nodes: list[fx.Node] = []  # bit k of a root set ↔ _root_nodes[k]
         self._placeholder_roots = 0  # the bits of graph inputs
+        self._part_roots: dict[tuple, int] = {}  # a fused product's pieces → their root bits
         #: values computed from parameters and constants only (`1 + w`, `w.float()`)
         self.weights: set[fx.Node] = set(params)
         rotations = rotations or {}
@@ -188,10 +194,17 @@ class Scales:
                 stack.pop()
                 continue
             inputs = [i for i in n.all_input_nodes if i in self.live]
-            if n.op == "placeholder" or any(i in self.weights for i in n.all_input_nodes) or not inputs:
+            part = self._part_of_product(n)
+            if part is not None and part in self._part_roots:  # the same piece picked again
+                memo[stack.pop()] = self._part_roots[part]
+                continue
+            if n.op == "placeholder" or any(i in self.weights for i in n.all_input_nodes) or not inputs \
+                    or part is not None:
                 memo[stack.pop()] = 1 << len(self._root_nodes)
                 if n.op == "placeholder":
                     self._placeholder_roots |= memo[n]
+                if part is not None:
+                    self._part_roots[part] = memo[n]
                 self._root_nodes.append(n)
                 continue
             signal = [i for i in inputs if i not in self.weights]
@@ -204,6 +217,25 @@ class Scales:
                 bits |= memo[i]
             memo[stack.pop()] = bits
         return memo[node]
+
+    def _part_of_product(self, n: fx.Node) -> tuple | None:
+        """A piece picked out of one matrix product's output (`gate, up = (x W).chunk(2)`, a
+        slice of it): its rows are a map of their own, as `x W_g` and `x W_u` are. The key
+        names the piece, so picking the same piece twice gives the same root."""
+        op = ops.op_name(n, self.modules)
+        if op not in _PICKS or not n.args or not isinstance(n.args[0], fx.Node):
+            return None
+        source = n.args[0]
+        if op == "getitem":  # an output of split/chunk/unbind
+            if ops.op_name(source, self.modules) not in _SPLITS or not source.args:
+                return None
+            product = source.args[0]
+        else:
+            product = source
+        if not isinstance(product, fx.Node) or ops.op_name(product, self.modules) not in _PRODUCTS \
+                or not any(i in self.weights for i in product.all_input_nodes):
+            return None
+        return (source, op, tuple(a for a in n.args[1:] if not isinstance(a, fx.Node)))
 
     def gating(self, node: fx.Node) -> bool:
         """`a · b` of two live activations from different maps: a bilinear unit (SwiGLU's
@@ -549,18 +581,28 @@ def _attention_bond(b: BondInput, S: Scales) -> float:
         return 1.0 / 3.0
     if b.key in ("query", "key", 0, 1):
         s = S(b.input)
-        return S(ops.arg(b.args, "value", 2)) * _temperature(b) / (3.0 * s) if s > 0 else 1.0 / 3.0
+        return S(ops.arg(b.args, "value", 2)) * _temperature(b, S) / (3.0 * s) if s > 0 else 1.0 / 3.0
     # an additive float mask (T5's learned position bias) enters the logits unscaled
     return S(ops.arg(b.args, "value", 2)) / 3.0
 
 
-def _temperature(b: BondInput) -> float:
-    """SDPA's `scale` · √d (1 without `scale`: the default 1/√d): how far its logits move under
-    a relative change of q or k. T5 passes scale=1, so its logits move √d times as far."""
+def _temperature(b: BondInput, S: Scales) -> float:
+    """SDPA's `scale` · √d (1 without `scale`: the default 1/√d), times the constant factors
+    applied to q and k on their way from their projections: how far its logits move under a
+    relative change of q or k. T5 passes scale=1, so its logits move √d times as far; OPT
+    multiplies q by 1/√d and passes scale=1, the usual temperature (read as T5's, its q and k
+    took a sixth of their budgets)."""
+    query, key = ops.arg(b.args, "query", 0), ops.arg(b.args, "key", 1)
     scale = b.args.get("scale")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        return 1.0
-    return temperature(abs(float(scale)), ops.arg(b.args, "query", 0))
+        shape = ops.shape_of(query) if isinstance(query, fx.Node) else None
+        scale = 1.0 / math.sqrt(shape[-1]) if shape else None
+    factor: float | None = None if scale is None else abs(float(scale))
+    for x in (query, key):
+        if factor is not None and isinstance(x, fx.Node):
+            f = operand_factor(x, S.live, S.modules, S._values)
+            factor = None if f is None else factor * f
+    return temperature(factor, query)
 
 
 def _summed_bond(b: BondInput, S: Scales) -> float:
