@@ -36,7 +36,7 @@ from .rules import (ATOM_RULES, PARAM_FLOW,
 from .patterns import attention_reads, rotary_joins
 from .scale import Scales, atom_gain, scaled_bond
 from .trace import Captured, capture
-from .default import apply_default, plain_branches
+from .default import apply_default, plain_residuals
 from .options import AnalysisOptions
 from .wrappers import analysable, on_meta, to_meta
 
@@ -131,13 +131,14 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
             diag.notes.append(f"constant(s) with no values (meta device): {', '.join(names[:4])}"
                               f"{' …' if len(names) > 4 else ''} count scale 1 where they multiply an "
                               "activation (with their values, their largest entry)")
-        branches = (plain_branches(cap, scales) if scales is not None and scales.hybrid and options.branch_fanout
-                    else None)
-        D, assumed = downstream(cap, scales, attention=options.attention_patterns, branches=branches)
+        residual = (plain_residuals(cap, scales) if scales is not None and scales.hybrid and options.branch_fanout
+                    else None)  # one walk, for the downstreams and the default's body
+        D, assumed = downstream(cap, scales, attention=options.attention_patterns,
+                                branches=residual.branch if residual is not None else None)
         diag.assumed_ops = assumed
         atoms = _graph_atoms(trainable, uses, D, kinds or {}, diag, scales)
         if scales is not None:
-            apply_default(atoms, uses, cap, scales, D, sensitivity, kinds or {}, options, diag)
+            apply_default(atoms, uses, cap, scales, D, sensitivity, kinds or {}, options, diag, residual)
         graph = _to_networkx(cap, D, uses, scales)
     _check_kinds(kinds or {}, trainable)
     apply_masses(atoms, masses or {})
@@ -219,8 +220,8 @@ def downstream(cap: Captured, scales: Scales | None = None, attention: bool = Tr
             D[x] += v ** p_of(x)
 
     def total(node: fx.Node) -> float:
-        if node in per_branch:
-            return math.sqrt(sum(v * v for v in per_branch[node].values()))
+        if node in per_branch:  # only with `branches`, only in hybrid mode: `scales.p` (2)
+            return sum(v ** scales.p for v in per_branch[node].values()) ** (1.0 / scales.p)
         return D[node] ** (1.0 / p_of(node))
 
     for out in cap.outputs:

@@ -17,8 +17,8 @@ hand-derived values):
                                                                    tests/test_body_quadrature.py
 
 Reading attention written out (`attention_patterns`), partial rotary, a table's multiplier
-(`table_multipliers`) and an activation read inside several branches (`branch_fanout`, with
-`plain_branches`) happen earlier, while the downstreams are read (`analysis.patterns`,
+(`table_multipliers`) and an activation read inside several branches (`branch_fanout`, on
+`plain_residuals`) happen earlier, while the downstreams are read (`analysis.patterns`,
 `analysis.scale`, `analysis.analyze.downstream`).
 """
 from __future__ import annotations
@@ -48,11 +48,15 @@ Uses = dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]]
 
 
 def apply_default(atoms: dict[str, Atom], uses: Uses, cap: Captured, scales: Scales, D: dict[fx.Node, float],
-                  sensitivity: str, kinds: Mapping[str, str], options: AnalysisOptions, diag: Diagnostics) -> None:
-    """The default's masses, budget scales and decays, step by step (see the module docstring)."""
+                  sensitivity: str, kinds: Mapping[str, str], options: AnalysisOptions, diag: Diagnostics,
+                  residual: Residuals | None = None) -> None:
+    """The default's masses, budget scales and decays, step by step (see the module docstring).
+    `residual`: the walk of plain joins (`plain_residuals`), when the caller already has it."""
     hybrid = sensitivity == "hybrid"
     body_mass = options.resolved_body_mass(sensitivity)
-    plain = _residuals(cap, scales, plain_only=True) if body_mass is not None else None
+    plain = None
+    if body_mass is not None:
+        plain = residual if residual is not None else plain_residuals(cap, scales)
     parts = (_weigh_fused_projections(atoms, uses, cap, scales.live, kinds, diag,
                                       weigh=plain is not None and bool(plain.branch))
              if hybrid and options.fused_projections else {})
@@ -441,9 +445,9 @@ def _weigh_body(inside: list[Atom], total: float, diag: Diagnostics) -> list[Ato
     return inside
 
 
-def plain_branches(cap: Captured, scales: Scales) -> dict[fx.Node, fx.Node]:
-    """Each node inside a plain residual branch → the branch's output (`Residuals.branch`)."""
-    return _residuals(cap, scales, plain_only=True).branch
+def plain_residuals(cap: Captured, scales: Scales) -> Residuals:
+    """The walk of plain joins: the body that shares `BODY_MASS`, and each branch's nodes."""
+    return _residuals(cap, scales, plain_only=True)
 
 
 def _residuals(cap: Captured, scales: Scales, plain_only: bool) -> Residuals:

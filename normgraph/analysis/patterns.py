@@ -275,9 +275,11 @@ def operand_factor(x: fx.Node, live: set[fx.Node], modules: Mapping[str, Any],
 #: Ops after which a projection's output still holds every row of its weight, in some layout.
 _ROW_MOVES = {"view", "reshape", "permute", "transpose", "t", "numpy_T", "contiguous", "clone", "to", "alias",
               "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "movedim", "swapaxes", "dropout"}
+#: Ops that pick a piece of a tensor, and the splits whose outputs `getitem` picks.
+PICKS = ("getitem", "slice", "narrow", "select")
+SPLITS = ("split", "split_with_sizes", "chunk", "unbind", "tensor_split")
 #: Ops that may pick a subset of those rows (the split of a fused projection).
-_ROW_PICKS = {"getitem", "slice", "select", "narrow", "split", "split_with_sizes", "chunk", "unbind",
-              "index", "index_select", "tensor_split"}
+_ROW_PICKS = {*PICKS, *SPLITS, "index", "index_select"}
 #: How far the pieces of one part are followed to see whether they are put back together.
 _REASSEMBLY_DEPTH = 24
 

@@ -45,7 +45,7 @@ import torch.fx as fx
 
 from ..core.registry import Registry
 from . import ops
-from .patterns import operand_factor, temperature
+from .patterns import PICKS, SPLITS, operand_factor
 from .rules import BondInput, Use, bond_sensitivity
 
 #: Output scale of an op: rule(node, args, S) with S(x) the scale of any argument.
@@ -59,11 +59,10 @@ SCALED_BOND_RULES: Registry[str, ScaledBondRule] = Registry("scale-mode bond rul
 NORMALISATIONS = ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")
 #: Ops whose output is the sum of their inputs (the scale rule `_sum_of_inputs`).
 SUMS = ("add", "sub", "rsub")
-#: Ops that pick a piece of a tensor, and the splits whose outputs `getitem` picks.
-_PICKS = ("getitem", "slice", "narrow", "select")
-_SPLITS = ("split", "split_with_sizes", "chunk", "unbind", "tensor_split")
+#: Ops through which a parameter acts as a matrix on an activation (a tied table's head use).
+MATRIX_OPS = ("linear", "matmul", "mm", "addmm", "bmm", "einsum")
 #: Products whose output's pieces are maps of their own (`Scales._part_of_product`).
-_PRODUCTS = ("linear", "matmul", "mm", "addmm", "bmm", "einsum", "conv1d", "conv2d", "conv3d", "convolution")
+_PRODUCTS = (*MATRIX_OPS, "conv1d", "conv2d", "conv3d", "convolution")
 
 
 def register_scale_rule(op: str, *, scale: ScaleRule | None = None,
@@ -223,11 +222,11 @@ class Scales:
         slice of it): its rows are a map of their own, as `x W_g` and `x W_u` are. The key
         names the piece, so picking the same piece twice gives the same root."""
         op = ops.op_name(n, self.modules)
-        if op not in _PICKS or not n.args or not isinstance(n.args[0], fx.Node):
+        if op not in PICKS or not n.args or not isinstance(n.args[0], fx.Node):
             return None
         source = n.args[0]
         if op == "getitem":  # an output of split/chunk/unbind
-            if ops.op_name(source, self.modules) not in _SPLITS or not source.args:
+            if ops.op_name(source, self.modules) not in SPLITS or not source.args:
                 return None
             product = source.args[0]
         else:
@@ -320,9 +319,6 @@ def atom_gain(use: Use, kind: str, S: Scales) -> float:
             gain *= S(inp)
     return gain
 
-
-#: Ops through which a parameter acts as a matrix on an activation (a tied table's head use).
-MATRIX_OPS = ("linear", "matmul", "mm", "addmm", "bmm", "einsum")
 
 
 def _read_as_matrix(use: Use, S: Scales) -> float:
@@ -588,21 +584,23 @@ def _attention_bond(b: BondInput, S: Scales) -> float:
 
 def _temperature(b: BondInput, S: Scales) -> float:
     """SDPA's `scale` · √d (1 without `scale`: the default 1/√d), times the constant factors
-    applied to q and k on their way from their projections: how far its logits move under a
-    relative change of q or k. T5 passes scale=1, so its logits move √d times as far; OPT
-    multiplies q by 1/√d and passes scale=1, the usual temperature (read as T5's, its q and k
-    took a sixth of their budgets)."""
+    applied to q and k on their way from their projections (`patterns.operand_factor`): how
+    far its logits move under a relative change of q or k. T5 passes scale=1, so its logits
+    move √d times as far; OPT multiplies q by 1/√d and passes scale=1, the usual temperature
+    (read as T5's, its q and k took a tenth of Llama's budgets). Unknown: 1."""
     query, key = ops.arg(b.args, "query", 0), ops.arg(b.args, "key", 1)
+    shape = ops.shape_of(query) if isinstance(query, fx.Node) else None
+    if not shape:
+        return 1.0
     scale = b.args.get("scale")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        shape = ops.shape_of(query) if isinstance(query, fx.Node) else None
-        scale = 1.0 / math.sqrt(shape[-1]) if shape else None
-    factor: float | None = None if scale is None else abs(float(scale))
+    t = abs(float(scale)) * math.sqrt(shape[-1]) if isinstance(scale, (int, float)) and not isinstance(scale, bool) \
+        else 1.0
     for x in (query, key):
-        if factor is not None and isinstance(x, fx.Node):
-            f = operand_factor(x, S.live, S.modules, S._values)
-            factor = None if f is None else factor * f
-    return temperature(factor, query)
+        f = operand_factor(x, S.live, S.modules, S._values) if isinstance(x, fx.Node) else 1.0
+        if f is None:
+            return 1.0
+        t *= f
+    return t
 
 
 def _summed_bond(b: BondInput, S: Scales) -> float:
