@@ -326,3 +326,62 @@ def test_an_activation_read_in_two_branches_sums_them_in_quadrature():
     two = run(False)
     assert run(True)["emb.weight"].budget == pytest.approx(two["emb.weight"].budget, rel=1e-9)
     assert run(True, branch_fanout=False)["emb.weight"].budget < 0.7 * two["emb.weight"].budget
+
+
+class RelativeNet(nn.Module):
+    """Pre-norm attention blocks whose scores get a relative-position term: T5's and MPNet's
+    bias table (an `nn.Embedding` of buckets × heads, read at constant buckets and added to
+    the scores), or DeBERTa's raw table read whole and projected (`raw=True`). The token rows
+    also get BERT's `tok + pos`."""
+
+    def __init__(self, raw: bool) -> None:
+        super().__init__()
+        self.raw = raw
+        self.tok, self.pos = nn.Embedding(V, D), nn.Embedding(T, D)
+        if raw:
+            self.rel = nn.Parameter(torch.randn(2 * T, D) * 0.02)
+            self.rel_k = nn.ModuleList(nn.Linear(D, D, bias=False) for _ in range(L))
+        else:
+            self.rel = nn.Embedding(2 * T, H)
+        self.register_buffer("buckets", torch.arange(T)[None, :] - torch.arange(T)[:, None] + T)
+        self.q, self.k, self.v, self.o = (nn.ModuleList(nn.Linear(D, D, bias=False) for _ in range(L))
+                                          for _ in range(4))
+        self.norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(L))
+        self.head = nn.Linear(D, V, bias=False)
+
+    def forward(self, ids):
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1]))
+        bias = None if self.raw else self.rel(self.buckets).permute(2, 0, 1)  # once, as T5 and MPNet do
+        for i in range(L):
+            h = self.norms[i](x)
+            q, k, v = heads(self.q[i](h)), heads(self.k[i](h)), heads(self.v[i](h))
+            scores = q @ k.transpose(-1, -2) / math.sqrt(HD)
+            if self.raw:  # q · (projected relative rows), gathered per (i, j)
+                rel = self.rel_k[i](self.rel).view(2 * T, H, HD).transpose(0, 1)  # H, 2T, HD
+                c2p = q @ rel.transpose(-1, -2) / math.sqrt(HD)  # B, H, T, 2T
+                scores = scores + c2p.gather(-1, self.buckets.expand(*c2p.shape[:2], T, T))
+            else:
+                scores = scores + bias
+            x = x + self.o[i](merge(scores.softmax(-1) @ v))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_position_term_of_attention_keeps_a_tables_mass(raw):
+    """Rule 4 gives a table read at no token a small mass because its rows are added to the
+    token rows (`tok + pos`) and must not outgrow them. A relative-position term read by
+    attention is not added to the token rows: a bias table keeps its embedding's mass, and a
+    raw table the rules do not know (a fallback) reads as a table (mass 1), not a bias (0.1).
+    `pos` still takes the position-table mass."""
+    torch.manual_seed(0)
+    ng = normgraph.analyze(RelativeNet(raw), (IDS,))
+    atoms = ng.atoms
+    assert atoms["pos.weight"].mass == pytest.approx(0.01)
+    rel = atoms["rel" if raw else "rel.weight"]
+    assert rel.kind == ("fallback" if raw else "embedding")
+    assert rel.mass == pytest.approx(1.0)
+    assert "position term of attention" in rel.note
+    assert any(n.startswith("position term: rel") for n in ng.diagnostics.notes)
+    # the other modes keep their masses: the step is the default's
+    assert normgraph.analyze(RelativeNet(raw), (IDS,), sensitivity="scale").atoms[
+        "rel" if raw else "rel.weight"].mass == pytest.approx(1.0 if not raw else 0.1)

@@ -8,7 +8,8 @@ hand-derived values):
 1. fused projections weigh their parts       `fused_projections`   tests/test_patterns.py
 2. a conv reading the raw input is a stem    `stems`               tests/test_stems.py
 3. the residual body shares a fixed mass     `body_mass`           tests/test_scale.py
-4. position tables take a small mass         `position_table_mass` tests/test_scale.py
+4. position tables added to the token rows take a small mass (position terms of attention
+   keep a table's)                            `position_table_mass` tests/test_scale.py, test_patterns.py
 5. the gains in front of a tied head         `tied_head_norm_mass` tests/test_tied_head_norm.py
 6. the body read in quadrature               `body_reference`      tests/test_body_quadrature.py
 7. the body read depth-flat                  `body_profile`        tests/test_body_profile.py
@@ -64,7 +65,7 @@ def apply_default(atoms: dict[str, Atom], uses: Uses, cap: Captured, scales: Sca
         _mark_stems(atoms, uses, scales, kinds, diag)
     body = _weigh_body(_atoms_in(plain.body, atoms, uses), body_mass, diag) if plain is not None else []
     if body:
-        _weigh_position_tables(atoms, uses, scales.live, options.position_table_mass, diag)
+        _weigh_position_tables(atoms, uses, cap, scales, options.position_table_mass, diag)
         _weigh_tied_head_norm(atoms, uses, cap, scales, options.tied_head_norm_mass, diag)
         _read_body_in_quadrature(body, options.resolved_body_reference(), parts, diag)
         if options.body_profile == "flat":
@@ -328,21 +329,100 @@ def _reads_raw_input(use: Use, scales: Scales) -> bool:
 
 
 def _weigh_position_tables(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
-                           live: set[fx.Node], mass: float, diag: Diagnostics) -> None:
+                           cap: Captured, scales: Scales, mass: float, diag: Diagnostics) -> None:
     """A table read only at indices that carry no signal (positions `arange(T)`, a constant
     token-type buffer, `wpe[:T]`) adds the same row to every sequence, at every step: a bias
-    indexed by position. Beside a body, where every outer atom holds a fixed share, it takes
+    indexed by position. Where its rows are added to the token rows (`tok + pos`, before any
+    matrix product) and beside a body, where every outer atom holds a fixed share, it takes
     `POSITION_TABLE_MASS`. With an embedding's full share GPT-2's position rows moved 11×
     faster than its tied token rows; with a bias's (0.1) BERT's position and token-type rows
     still grew to 4× its token rows, and after its LayerNorm the sum carried little of the
-    token (docs/concepts.md §5)."""
+    token (docs/concepts.md §5, rule 4).
+
+    A position table that is not added to the token rows is a term of attention: T5's and
+    MPNet's relative-position biases (added to the scores), DeBERTa's relative embeddings,
+    Swin's and BEiT's bias tables (read through an index buffer or an interpolation, which
+    no atom rule knows: the fallback kind, whose mass is a bias's). Rule 4's reason does not
+    hold for it, and at the small mass it did not move: T5's, MPNet's and BEiT's tables at
+    10-100× their budget trained far better (docs/concepts.md §5, step 12). Such a table
+    keeps the mass the steps before gave it, and an unknown one reads as a table, not a bias
+    (`POSITION_TERM_MASS` for its kind's mass)."""
     for name, specs in uses.items():
         atom = atoms.get(name)
-        if atom is None or atom.kind != "embedding" or not specs or name in diag.tied:
+        if atom is None or not specs:
             continue
-        if all(u is not None and _fixed_rows(u, live) for _, _, u in specs):
-            atom.mass = mass
-            atom.note = f"{atom.note}; read at rows that carry no token (a position table): mass {mass:g}"
+        table = atom.kind == "embedding" and name not in diag.tied and all(u is not None and _fixed_rows(u, scales.live) for _, _, u in specs)
+        unknown = (atom.kind == "fallback" and len(atom.shape) >= 2
+                   and all(_reads_no_input(node, scales) for _, node, _ in specs))
+        if not (table or unknown):
+            continue
+        if all(_added_to_token_rows(node, cap, scales) for _, node, _ in specs):
+            if table:
+                atom.mass = mass
+                atom.note = f"{atom.note}; read at rows that carry no token (a position table): mass {mass:g}"
+            continue
+        if unknown:
+            atom.mass *= POSITION_TERM_MASS / kind_of(atom.kind).mass
+        atom.note = (f"{atom.note}; read at rows that carry no token but not added to the token rows "
+                     f"(a position term of attention): a table's mass, {atom.mass:.3g}")
+        diag.notes.append(f"position term: {name} is read at no token and not added to the token rows: "
+                          f"mass {atom.mass:.3g}, not position_table_mass {mass:g}")
+
+
+#: The mass of a table (an embedding's): what a position term the rules do not know reads as.
+POSITION_TERM_MASS = 1.0
+
+#: Ops past which a table's rows are no longer rows of the token stream: after a matrix
+#: product or a normalisation they are features, not rows to be added to the tokens.
+_ROW_BARRIERS = frozenset(MATRIX_OPS) | frozenset(NORMALISATIONS) | {"softmax", "embedding", "scaled_dot_product_attention"}
+#: How many nodes the walks of `_added_to_token_rows` visit at most (embeddings are near).
+_ROW_WALK = 64
+
+
+def _added_to_token_rows(lookup: fx.Node, cap: Captured, scales: Scales) -> bool:
+    """The rows `lookup` reads reach a sum whose other side holds the token rows (a table
+    read at indices that depend on the model's input) with no matrix product or
+    normalisation on either way: BERT's and GPT-2's `tok + pos`, a decoder's shifted labels'
+    rows plus its positions. T5's relative-position bias meets the attention scores instead."""
+    seen: set[fx.Node] = {lookup}
+    frontier: list[tuple[fx.Node, fx.Node | None]] = [(lookup, None)]  # the use may be the sum itself
+    while frontier and len(seen) < _ROW_WALK:
+        here, came_from = frontier.pop()
+        if ops.op_name(here, cap.modules) in SUMS and any(
+                _token_rows_above(x, cap, scales) for _, x in ops.tensor_inputs(here) if x is not came_from):
+            return True
+        for user in here.users:
+            if user not in seen and user in scales.live and ops.op_name(user, cap.modules) not in _ROW_BARRIERS:
+                seen.add(user)
+                frontier.append((user, here))
+    return False
+
+
+def _token_rows_above(node: fx.Node, cap: Captured, scales: Scales) -> bool:
+    """A table read at indices that depend on the model's input lies above `node`, with no
+    matrix product or normalisation between."""
+    seen: set[fx.Node] = set()
+    frontier = [node]
+    while frontier and len(seen) < _ROW_WALK:
+        x = frontier.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        op = ops.op_name(x, cap.modules)
+        if op == "embedding":
+            if any(i in scales.live and i not in scales.weights for _, i in ops.tensor_inputs(x)):
+                return True
+            continue
+        if op in _ROW_BARRIERS or x.op in ("placeholder", "get_attr"):
+            continue
+        frontier += [i for _, i in ops.tensor_inputs(x)]
+    return False
+
+
+def _reads_no_input(node: fx.Node, scales: Scales) -> bool:
+    """`node` computes on parameters and constants alone: no operand carries a model input."""
+    return not any(r.op == "placeholder" for _, v in ops.tensor_inputs(node)
+                   if v in scales.live and v not in scales.weights for r in scales.roots(v))
 
 
 #: Ops a head's input may pass through between the normalisation and the head: casts and
