@@ -36,7 +36,7 @@ from .rules import (ATOM_RULES, PARAM_FLOW,
 from .patterns import attention_reads, rotary_joins
 from .scale import Scales, atom_gain, scaled_bond
 from .trace import Captured, capture
-from .default import apply_default, plain_residuals
+from .default import apply_default, cap_budgets, plain_residuals
 from .options import AnalysisOptions
 from .wrappers import analysable, on_meta, to_meta
 
@@ -143,6 +143,8 @@ def analyze(model: torch.nn.Module, example_inputs: Any = None,
     _check_kinds(kinds or {}, trainable)
     apply_masses(atoms, masses or {})
     _budgets(atoms)
+    if cap.graph is not None and sensitivity == "hybrid" and options.max_budget is not None:
+        cap_budgets(atoms, options.max_budget, diag)
     if cap.graph is not None:
         _warn_spread(atoms, cap, D, scales, diag)
     for atom in atoms.values():

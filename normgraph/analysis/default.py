@@ -16,6 +16,8 @@ hand-derived values):
 8. a conv read only by a BatchNorm           `channel_convs`       tests/test_channel_convs.py
 9. weight decay: stream readers and weighted residual branches (plain branches: `body_decay`, 0)
                                                                    tests/test_body_quadrature.py
+10. no budget above `max_budget` (0.5), once the budgets are set (`cap_budgets`, called by
+   `analyze` after `masses=`)                 `max_budget`          tests/test_max_budget.py
 
 Reading attention written out (`attention_patterns`), partial rotary, a table's multiplier
 (`table_multipliers`) and an activation read inside several branches (`branch_fanout`, on
@@ -563,3 +565,26 @@ def _plain_join(cap: Captured, scales: Scales) -> Callable[[fx.Node], bool]:
         return ops.op_name(node, cap.modules) in SUMS and node not in scales.rotations and not any(
             scales.scaled_explicitly(i) for _, i in ops.tensor_inputs(node) if i in scales.live)
     return join
+
+
+def cap_budgets(atoms: dict[str, Atom], cap: float, diag: Diagnostics) -> None:
+    """No atom's budget above `cap` (`max_budget`), after the masses and budgets are set.
+
+    A budget is the size of an atom's step at lr 1 in its own norm, where a well-normed
+    weight has size 1. The budgets of the development families (GPT-2, Llama, BERT, ViT,
+    ResNet) are at most 0.21 at the zoo's size. A reading that makes an atom's output look
+    far less sensitive than it is inflates its budget past anything the default was
+    validated on: Cohere's logits × 0.0625 made every downstream 1/16 of Llama's and its
+    q, k and v budgets 3.5, a step larger than the weight itself at lr 1. The cap lowers
+    such an atom's `budget_scale`, so that the budget stays derived from the mass (an
+    annotations file recomputes it the same way), and leaves every other atom alone."""
+    capped = []
+    for atom in atoms.values():
+        if atom.budget > cap:
+            atom.budget_scale *= cap / atom.budget
+            atom.budget = cap
+            atom.note = f"{atom.note}; budget capped at max_budget {cap:g}"
+            capped.append(atom.name)
+    if capped:
+        diag.notes.append(f"budgets capped at max_budget {cap:g}: {', '.join(capped[:4])}"
+                          f"{' …' if len(capped) > 4 else ''} ({len(capped)} atoms)")

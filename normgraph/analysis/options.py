@@ -30,6 +30,8 @@ STREAM_READER_DECAY = 0.05
 POSITION_TABLE_MASS = 0.01
 #: Mass of each gain and bias in front of a tied head, beside a body.
 TIED_HEAD_NORM_MASS = 0.3
+#: Largest budget the default gives an atom (None: no cap).
+MAX_BUDGET: float | None = 0.5
 BODY_PROFILES = ("flat", "measured")
 CONV_MODES = ("positional", "flatten")
 
@@ -54,6 +56,7 @@ class AnalysisOptions:
     body_profile        "flat" (every branch at the body's common downstream) or "measured"
     position_table_mass mass of a table read at rows that carry no token, beside a body
     tied_head_norm_mass mass of the gains and biases in front of a tied head, beside a body
+    max_budget          largest budget an atom gets in "hybrid" mode (None: no cap)
     body_decay          weight decay of the matrices in plain residual branches
     weighted_branch_decay  of the matrices in explicitly weighted residual branches
     stream_reader_decay    of a matrix outside the body that reads the unnormalised stream
@@ -72,6 +75,7 @@ class AnalysisOptions:
     body_profile: str = "flat"
     position_table_mass: float = POSITION_TABLE_MASS
     tied_head_norm_mass: float = TIED_HEAD_NORM_MASS
+    max_budget: float | None = MAX_BUDGET
     body_decay: float | str = "auto"
     weighted_branch_decay: float = WEIGHTED_BRANCH_DECAY
     stream_reader_decay: float = STREAM_READER_DECAY
@@ -95,6 +99,8 @@ class AnalysisOptions:
         for name in ("position_table_mass", "tied_head_norm_mass"):
             if not _positive(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive number")
+        if not (self.max_budget is None or _positive(self.max_budget)):
+            raise ValueError(f"max_budget={self.max_budget!r}: expected None or a positive number")
         for name in ("weighted_branch_decay", "stream_reader_decay"):
             if not _non_negative(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a finite number >= 0")
