@@ -154,3 +154,24 @@ def test_calibration_reads_the_best_of_a_sweep_as_a_parabola_in_log_lr():
     assert zoo_calibration.log_argmin(curve) == pytest.approx(0.3)
     assert zoo_calibration.log_argmin({0.5: 1.0, 1.0: 2.0, 2.0: 3.0}) == -1.0
     assert zoo_calibration.log_argmin({0.5: 3.0, 1.0: 2.0, 2.0: 1.0}) == 1.0
+
+
+def test_the_adaptation_probe_raises_the_lr_of_an_atom_whose_steps_keep_lining_up():
+    """`zoo_probes.AdaptedLrs`: on a loss whose gradient never changes (linear in the weights),
+    each update (the gradient's dual, orthogonalised) lines up with the next gradient (a
+    positive cosine), so each factor grows by exp(β·cos) per step until the cap; the param
+    groups' own lrs are left as they were after each step."""
+    import zoo_probes
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 4, bias=False))
+    opt = normgraph.compile(model, (torch.randn(2, 8),), compile_mode="eager", weight_decay=0.0)
+    probe = zoo_probes.AdaptedLrs(opt, beta=0.5, matrices_only=False, cap=2.0)
+    lrs = [g["lr"] for g in opt.param_groups]
+    target = torch.randn(4, 8)
+    for _ in range(4):
+        probe.zero_grad()
+        loss = sum((p * t).sum() for p, t in zip(model.parameters(), (target.T.repeat(1, 2)[:8], target)))
+        loss.backward()
+        probe.step()
+    assert [g["lr"] for g in opt.param_groups] == lrs
+    assert all(f == pytest.approx(2.0) for f in probe.factor.values())  # exp(0.5)^3 > 2: capped
