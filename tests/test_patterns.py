@@ -385,3 +385,12 @@ def test_a_position_term_of_attention_keeps_a_tables_mass(raw):
     # the other modes keep their masses: the step is the default's
     assert normgraph.analyze(RelativeNet(raw), (IDS,), sensitivity="scale").atoms[
         "rel" if raw else "rel.weight"].mass == pytest.approx(1.0 if not raw else 0.1)
+
+
+def test_position_terms_false_gives_every_table_read_at_no_token_the_small_mass():
+    torch.manual_seed(0)
+    atoms = normgraph.analyze(RelativeNet(False), (IDS,), position_terms=False).atoms
+    assert atoms["rel.weight"].mass == pytest.approx(0.01)
+    torch.manual_seed(0)
+    raw = normgraph.analyze(RelativeNet(True), (IDS,), position_terms=False).atoms
+    assert raw["rel"].kind == "fallback" and raw["rel"].mass == pytest.approx(0.1)  # a bias's, as before

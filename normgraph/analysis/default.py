@@ -67,7 +67,8 @@ def apply_default(atoms: dict[str, Atom], uses: Uses, cap: Captured, scales: Sca
         _mark_stems(atoms, uses, scales, kinds, diag)
     body = _weigh_body(_atoms_in(plain.body, atoms, uses), body_mass, diag) if plain is not None else []
     if body:
-        _weigh_position_tables(atoms, uses, cap, scales, options.position_table_mass, diag)
+        _weigh_position_tables(atoms, uses, cap, scales, options.position_table_mass, diag,
+                               terms=hybrid and options.position_terms)
         _weigh_tied_head_norm(atoms, uses, cap, scales, options.tied_head_norm_mass, diag)
         _read_body_in_quadrature(body, options.resolved_body_reference(), parts, diag)
         if options.body_profile == "flat":
@@ -331,7 +332,8 @@ def _reads_raw_input(use: Use, scales: Scales) -> bool:
 
 
 def _weigh_position_tables(atoms: dict[str, Atom], uses: dict[str, list[tuple[AtomSpec, fx.Node, Use | None]]],
-                           cap: Captured, scales: Scales, mass: float, diag: Diagnostics) -> None:
+                           cap: Captured, scales: Scales, mass: float, diag: Diagnostics,
+                           terms: bool = True) -> None:
     """A table read only at indices that carry no signal (positions `arange(T)`, a constant
     token-type buffer, `wpe[:T]`) adds the same row to every sequence, at every step: a bias
     indexed by position. Where its rows are added to the token rows (`tok + pos`, before any
@@ -348,17 +350,19 @@ def _weigh_position_tables(atoms: dict[str, Atom], uses: dict[str, list[tuple[At
     hold for it, and at the small mass it did not move: T5's, MPNet's and BEiT's tables at
     10-100× their budget trained far better (docs/concepts.md §5, step 12). Such a table
     keeps the mass the steps before gave it, and an unknown one reads as a table, not a bias
-    (`POSITION_TERM_MASS` for its kind's mass)."""
+    (`POSITION_TERM_MASS` for its kind's mass). `terms=False` (`position_terms`, and every
+    mode but "hybrid") gives every table read at no token `mass`, as before the zoo."""
     for name, specs in uses.items():
         atom = atoms.get(name)
         if atom is None or not specs:
             continue
-        table = atom.kind == "embedding" and name not in diag.tied and all(u is not None and _fixed_rows(u, scales.live) for _, _, u in specs)
-        unknown = (atom.kind == "fallback" and len(atom.shape) >= 2
+        table = (atom.kind == "embedding" and name not in diag.tied
+                 and all(u is not None and _fixed_rows(u, scales.live) for _, _, u in specs))
+        unknown = (terms and atom.kind == "fallback" and len(atom.shape) >= 2
                    and all(_reads_no_input(node, scales) for _, node, _ in specs))
         if not (table or unknown):
             continue
-        if all(_added_to_token_rows(node, cap, scales) for _, node, _ in specs):
+        if not terms or all(_added_to_token_rows(node, cap, scales) for _, node, _ in specs):
             if table:
                 atom.mass = mass
                 atom.note = f"{atom.note}; read at rows that carry no token (a position table): mass {mass:g}"

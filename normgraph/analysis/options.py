@@ -55,6 +55,9 @@ class AnalysisOptions:
     body_reference      n_ref of the body read in quadrature ("auto": 28; None: off)
     body_profile        "flat" (every branch at the body's common downstream) or "measured"
     position_table_mass mass of a table read at rows that carry no token, beside a body
+    position_terms      only a table whose rows are added to the token rows takes
+                        position_table_mass; a position term of attention keeps a table's
+                        (False: every table read at no token takes it, as before the zoo)
     tied_head_norm_mass mass of the gains and biases in front of a tied head, beside a body
     max_budget          largest budget an atom gets in "hybrid" mode (None: no cap)
     body_decay          weight decay of the matrices in plain residual branches
@@ -74,6 +77,7 @@ class AnalysisOptions:
     body_reference: float | str | None = "auto"
     body_profile: str = "flat"
     position_table_mass: float = POSITION_TABLE_MASS
+    position_terms: bool = True
     tied_head_norm_mass: float = TIED_HEAD_NORM_MASS
     max_budget: float | None = MAX_BUDGET
     body_decay: float | str = "auto"
@@ -86,7 +90,7 @@ class AnalysisOptions:
         if self.body_profile not in BODY_PROFILES:
             raise ValueError(f"body_profile={self.body_profile!r}: expected one of {BODY_PROFILES}")
         for name in ("split_packed", "attention_patterns", "fused_projections", "table_multipliers",
-                     "branch_fanout", "stems", "channel_convs"):
+                     "branch_fanout", "stems", "channel_convs", "position_terms"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")
         for name in ("body_mass", "body_reference"):
