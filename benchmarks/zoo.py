@@ -6,7 +6,7 @@
     python benchmarks/zoo.py --split select+dev --optimizers normgraph --normgraph-sweep 0.5 1 2
 
 On 2 cores normgraph's part of the whole zoo takes 40 min; with the baselines from scratch
-the whole zoo takes about 3½ hours (docs/results.md §20.5). `benchmarks/results/zoo_runs.json`
+the whole zoo takes about 2 hours, an estimate from measured run times (docs/results.md §20.5). `benchmarks/results/zoo_runs.json`
 ships every finished run, so a change to normgraph reruns only normgraph.
 
 Every family (benchmarks/zoo_families.py) is trained with the same data, init, steps and

@@ -6,40 +6,28 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import normgraph
 from normgraph.core.graph import budget_of
-
-D, V, T, L = 32, 40, 8, 2
-IDS = torch.randint(0, V, (2, T))
+from test_scale import IDS, PreNorm
 
 
-class ScaledLogits(nn.Module):
-    """Pre-norm residual MLP blocks whose logits are multiplied by a constant, as Cohere's
-    `logit_scale` (0.0625) does: every downstream shrinks by the constant and every budget
-    grows by its inverse."""
+class ScaledLogits(PreNorm):
+    """`PreNorm` (two plain residual blocks) with its logits multiplied by a constant, as
+    Cohere's `logit_scale` (0.0625) does: every downstream shrinks by the constant and every
+    budget grows by its inverse."""
 
     def __init__(self, logit_scale: float) -> None:
-        super().__init__()
+        super().__init__(L=2)
         self.logit_scale = logit_scale
-        self.emb = nn.Embedding(V, D)
-        self.norms = nn.ModuleList(nn.LayerNorm(D) for _ in range(L))
-        self.fc = nn.ModuleList(nn.Linear(D, 4 * D, bias=False) for _ in range(L))
-        self.proj = nn.ModuleList(nn.Linear(4 * D, D, bias=False) for _ in range(L))
-        self.final = nn.LayerNorm(D)
-        self.head = nn.Linear(D, V, bias=False)
 
-    def forward(self, ids):
-        x = self.emb(ids)
-        for n, fc, proj in zip(self.norms, self.fc, self.proj):
-            x = x + proj(torch.relu(fc(n(x))))
-        return self.head(self.final(x)) * self.logit_scale
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.logit_scale
 
 
 def analyze(logit_scale: float, **kw) -> normgraph.NormGraph:
     torch.manual_seed(0)
-    return normgraph.analyze(ScaledLogits(logit_scale), (IDS,), **kw)
+    return normgraph.analyze(ScaledLogits(logit_scale), IDS, **kw)
 
 
 def test_budgets_above_the_cap_are_capped_and_the_rest_left_alone():
@@ -68,7 +56,7 @@ def test_a_capped_budget_stays_derived_from_its_mass():
 def test_the_cap_does_not_bind_on_unscaled_logits_or_in_other_modes():
     plain = analyze(1.0)
     assert max(a.budget for a in plain.atoms.values()) < 0.5
-    assert plain.atoms["fc.0.weight"].budget == analyze(1.0, max_budget=None).atoms["fc.0.weight"].budget
+    assert plain.atoms["w1.0.weight"].budget == analyze(1.0, max_budget=None).atoms["w1.0.weight"].budget
     scale = analyze(1 / 64, sensitivity="scale")
     assert max(a.budget for a in scale.atoms.values()) > 0.5  # only the default ("hybrid") caps
 
